@@ -1,0 +1,405 @@
+"""The campaign model and its YAML loading, with errors that name file, line and field."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from babel import Locale, UnknownLocaleError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .config import Settings
+from .errors import CampaignError
+from .yamlsrc import Located, closest, load_yaml, raise_validation
+
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,79}$")
+MAX_ATTACHMENTS_BYTES = 10 * 1024 * 1024
+TIME_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S")
+RTL_LANGUAGES = frozenset({"ar", "fa", "he", "ur", "ps", "ku", "yi", "dv"})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _one_line(value: str, what: str = "this field") -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"{what} must be one line: remove the line break")
+    if any(ord(c) < 32 and c != "\t" for c in value):
+        raise ValueError(f"{what} contains a control character: remove it")
+    return value
+
+
+def _url(value: str) -> str:
+    value = _one_line(value.strip(), "a link")
+    if not value.startswith(("https://", "http://", "mailto:", "tel:", "{{")):
+        raise ValueError(f"'{value}' is not a full link: start it with https://")
+    if any(c in value for c in ' "<>'):
+        raise ValueError(f"'{value}' contains spaces, quotes or angle brackets: encode them")
+    return value
+
+
+def parse_local_time(value: str) -> datetime:
+    """'2026-12-03 09:00' → naive datetime (the zone is applied by the caller)."""
+    for fmt in TIME_FORMATS:
+        try:
+            return datetime.strptime(value.strip(), fmt)
+        except ValueError:
+            continue
+    raise ValueError(f"'{value}' is not a date and time: write it as YYYY-MM-DD HH:MM")
+
+
+class Image(Strict):
+    src: str
+    alt: str = Field(min_length=1)
+    href: str | None = None
+    width: int | None = Field(None, ge=16, le=600)
+
+    _src = field_validator("src", "href")(lambda v: v if v is None else _url(v))
+    _alt = field_validator("alt")(lambda v: _one_line(v, "alt"))
+
+
+class Button(Strict):
+    label: str = Field(min_length=1, max_length=80)
+    url: str
+
+    _u = field_validator("url")(lambda v: _url(v))
+    _l = field_validator("label")(lambda v: _one_line(v, "label"))
+
+
+class Event(Strict):
+    title: str = Field(min_length=1)
+    start: str
+    end: str | None = None
+    place: str = Field(min_length=1)
+    address: str | None = None
+    description: str | None = None
+    calendar: bool = True
+
+    @field_validator("start", "end")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_local_time(value)
+        return value
+
+    @model_validator(mode="after")
+    def _order(self) -> Event:
+        if self.end and parse_local_time(self.end) < parse_local_time(self.start):
+            raise ValueError("the event ends before it starts: check 'end'")
+        return self
+
+
+class Quote(Strict):
+    text: str = Field(min_length=1)
+    author: str | None = None
+
+
+BLOCK_KINDS = ("heading", "text", "image", "button", "event", "quote", "divider")
+
+
+class Block(Strict):
+    """One block of content: a mapping with exactly one of the kinds as its key."""
+
+    heading: str | None = None
+    text: str | None = None
+    image: Image | None = None
+    button: Button | None = None
+    event: Event | None = None
+    quote: Quote | None = None
+    divider: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError(
+                f"a block must be a mapping like '- text: ...', not plain text ('{data[:30]}')"
+            )
+        if isinstance(data, dict):
+            known = [k for k in data if k in BLOCK_KINDS]
+            unknown = [k for k in data if k not in BLOCK_KINDS]
+            if unknown:
+                hint = closest(str(unknown[0]), BLOCK_KINDS)
+                raise ValueError(
+                    f"unknown block kind '{unknown[0]}'"
+                    + (f"; did you mean '{hint}'?" if hint else "")
+                    + f" (kinds: {', '.join(BLOCK_KINDS)})"
+                )
+            if len(known) != 1:
+                raise ValueError(
+                    "each block has exactly one kind; start a new '- ' item for each block"
+                )
+            if known == ["divider"] and data["divider"] is None:
+                return {"divider": {}}
+        return data
+
+    @property
+    def kind(self) -> str:
+        return next(iter(self.model_fields_set))
+
+    @property
+    def value(self) -> Any:
+        return getattr(self, self.kind)
+
+    _h = field_validator("heading")(lambda v: v if v is None else _one_line(v, "a heading"))
+
+
+class Content(Strict):
+    subject: str = Field(min_length=1, max_length=200)
+    preheader: str = Field("", max_length=250)
+    blocks: list[Block] = Field(min_length=1)
+
+    _s = field_validator("subject")(lambda v: _one_line(v, "the subject"))
+    _p = field_validator("preheader")(lambda v: _one_line(v, "the preheader"))
+
+
+class Audience(Strict):
+    lists: list[str] = Field(min_length=1)
+    languages: list[str] | None = None  # only recipients whose language is one of these
+
+
+class Schedule(Strict):
+    at: str | None = None
+    cron: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Schedule:
+        if (self.at is None) == (self.cron is None):
+            raise ValueError("give either 'at' (one date and time) or 'cron', not both or neither")
+        return self
+
+
+class Campaign(Strict):
+    id: str
+    title: str | None = None
+    template: str = Field(pattern=r"^[a-z0-9_-]+$")
+    audience: Audience
+    schedule: Schedule | None = None
+    content: dict[str, Content] = Field(min_length=1)
+    attachments: list[str] = []
+
+    _source: Path | None = PrivateAttr(None)
+    _lines: dict[Any, int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not ID_RE.match(value):
+            raise ValueError(
+                f"'{value}' is not a valid id: use lower-case letters, digits and dashes"
+            )
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _languages(cls, value: dict[str, Content]) -> dict[str, Content]:
+        for lang in value:
+            try:
+                Locale.parse(lang.replace("-", "_"))
+            except (UnknownLocaleError, ValueError, TypeError):
+                raise ValueError(f"'{lang}' is not a language code (use e.g. de, tr, ar)") from None
+        return value
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @property
+    def default_language(self) -> str:
+        return next(iter(self.content))
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.content)
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.content[self.default_language].subject
+
+    def line(self, *loc: str | int) -> int | None:
+        path = tuple(loc)
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return None
+
+    def error(self, message: str, *loc: str | int) -> CampaignError:
+        from .yamlsrc import dotted
+
+        return CampaignError(
+            message, path=self._source, line=self.line(*loc), field=dotted(loc) or None
+        )
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Campaign.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "imag-mailer campaign"
+    return schema
+
+
+def load_campaign(
+    path: Path, settings: Settings, *, warnings: list[str] | None = None
+) -> Campaign:
+    """Parse and check one campaign file; raises CampaignError with file and line."""
+    located = load_yaml(path, error=CampaignError)
+    data = located.data
+    if not isinstance(data, dict):
+        raise CampaignError(
+            "a campaign file must be a mapping (id:, template:, audience:, content: …)",
+            path=path,
+            line=1,
+        )
+    data = dict(data)
+    data.setdefault("id", path.name.removesuffix(".yaml").removesuffix(".yml"))
+    if "content" in data and isinstance(data["content"], dict):
+        data["content"] = {str(k): v for k, v in data["content"].items()}
+    try:
+        campaign = Campaign.model_validate(data)
+    except ValidationError as exc:
+        raise_validation(exc, located, error=CampaignError, model=Campaign)
+        raise
+    campaign._source = path
+    campaign._lines = located.lines
+    _check_references(campaign, located, settings, warnings)
+    return campaign
+
+
+def _check_references(
+    campaign: Campaign, located: Located, settings: Settings, warnings: list[str] | None
+) -> None:
+    from .audience import known_lists
+
+    template = settings.templates_dir / f"{campaign.template}.mjml.j2"
+    if not template.is_file():
+        layouts = sorted(
+            p.name.removesuffix(".mjml.j2")
+            for p in settings.templates_dir.glob("*.mjml.j2")
+            if p.name not in ("base.mjml.j2", "blocks.mjml.j2")
+        )
+        hint = closest(campaign.template, layouts)
+        raise campaign.error(
+            f"unknown template '{campaign.template}'"
+            + (f"; did you mean '{hint}'?" if hint else "")
+            + f" (templates: {', '.join(layouts)})",
+            "template",
+        )
+    lists = known_lists(settings)
+    for i, name in enumerate(campaign.audience.lists):
+        if name not in lists:
+            hint = closest(name, lists)
+            raise campaign.error(
+                f"unknown list '{name}'"
+                + (f"; did you mean '{hint}'?" if hint else "")
+                + f" (lists: {', '.join(sorted(lists))})",
+                "audience",
+                "lists",
+                i,
+            )
+    _check_schedule(campaign, settings, warnings)
+    attachment_paths(campaign)
+
+
+def attachment_paths(campaign: Campaign) -> list[Path]:
+    base = campaign.source.parent if campaign.source else Path(".")
+    out, total = [], 0
+    for i, name in enumerate(campaign.attachments):
+        path = base / name
+        if not path.is_file():
+            raise campaign.error(
+                f"attachment '{name}' does not exist (paths are relative to the campaign file)",
+                "attachments",
+                i,
+            )
+        total += path.stat().st_size
+        if total > MAX_ATTACHMENTS_BYTES:
+            raise campaign.error(
+                f"attachments add up to more than {MAX_ATTACHMENTS_BYTES // 2**20} MiB: "
+                "link to large files instead",
+                "attachments",
+                i,
+            )
+        out.append(path)
+    return out
+
+
+def _check_schedule(campaign: Campaign, settings: Settings, warnings: list[str] | None) -> None:
+    schedule = campaign.schedule
+    if schedule is None:
+        return
+    if schedule.cron is not None:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(schedule.cron, timezone=settings.tz)
+        except (ValueError, TypeError) as exc:
+            raise campaign.error(
+                f"'{schedule.cron}' is not a cron expression ({exc}); "
+                "write five fields: minute hour day month weekday, e.g. '0 9 1 * *'",
+                "schedule",
+                "cron",
+            ) from None
+        return
+    assert schedule.at is not None
+    try:
+        when = resolve_local(schedule.at, settings)
+    except ValueError as exc:
+        raise campaign.error(str(exc), "schedule", "at") from None
+    if when < datetime.now(settings.tz) and warnings is not None:
+        warnings.append(
+            f"{campaign.source}, line {campaign.line('schedule', 'at')}: "
+            f"schedule.at {schedule.at} is in the past; the scheduler will not send it "
+            "(use 'mailer send' to send it now)"
+        )
+
+
+def resolve_local(value: str, settings: Settings) -> datetime:
+    """A wall-clock time in the configured zone; refuses times DST skips or repeats."""
+    naive = parse_local_time(value)
+    tz = settings.tz
+    early, late = naive.replace(tzinfo=tz, fold=0), naive.replace(tzinfo=tz, fold=1)
+    if early.utcoffset() != late.utcoffset():
+        roundtrip = early.astimezone(tz).replace(tzinfo=None)
+        if roundtrip != naive:
+            raise ValueError(
+                f"{value} does not exist in {settings.timezone} (the clocks jump forward "
+                "that night): pick a time outside the gap"
+            )
+        raise ValueError(
+            f"{value} happens twice in {settings.timezone} (the clocks go back that night): "
+            "pick a time outside 02:00–03:00"
+        )
+    return early
+
+
+def campaign_files(settings: Settings) -> list[Path]:
+    directory = settings.campaigns_dir
+    return sorted(p for p in directory.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+
+
+def find_campaign(ref: str, settings: Settings) -> Path:
+    """A path to a campaign file, or the id of one under campaigns/."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    for candidate in campaign_files(settings):
+        if candidate.stem == ref:
+            return candidate
+    ids = [p.stem for p in campaign_files(settings)]
+    hint = closest(ref, ids)
+    raise CampaignError(
+        f"no campaign '{ref}' in {settings.campaigns_dir}"
+        + (f"; did you mean '{hint}'?" if hint else f" (campaigns: {', '.join(ids) or 'none'})")
+    )

@@ -1,0 +1,132 @@
+"""The `mailer` command: thin; parses, calls a stage, prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .config import Settings, load_settings
+from .errors import MailerError, UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def user_errors(func: F) -> F:
+    """User errors become one sentence on stderr and exit code 1; never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            fail(exc.sentence())
+        except MailerError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Ctx:
+    def __init__(self, config: str | None) -> None:
+        self.config_path = config
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+        return self._settings
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group()
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="config file (default: $MAILER_CONFIG, else ./config.yaml)")
+@click.version_option(package_name="imag-mailer")
+@click.pass_context
+def main(ctx: click.Context, config: str | None) -> None:
+    """imag-mailer: campaigns from YAML to subscribers' inboxes."""
+    ctx.obj = Ctx(config)
+
+
+@main.command()
+@click.argument("campaigns", nargs=-1)
+@pass_ctx
+@user_errors
+def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
+    """Check campaign files (all of campaigns/ when none given)."""
+    from .campaign import campaign_files, find_campaign
+    from .checks import check_campaign
+
+    settings = ctx.settings
+    paths = [find_campaign(c, settings) for c in campaigns] or campaign_files(settings)
+    if not paths:
+        fail(f"no campaign files in {settings.campaigns_dir}")
+    problems = 0
+    for path in paths:
+        try:
+            checked = check_campaign(path, settings)
+        except UserError as exc:
+            problems += 1
+            click.echo(f"error: {exc.sentence()}", err=True)
+            continue
+        for warning in checked.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        c = checked.campaign
+        click.echo(f"ok: {path} — {c.id}, {', '.join(c.languages)}, "
+                   f"{len(checked.recipients)} recipients")
+    if problems:
+        click.echo(f"{problems} of {len(paths)} campaign files have problems", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@pass_ctx
+def schema(ctx: Ctx) -> None:
+    """Print the JSON Schema of a campaign file (for editor autocompletion)."""
+    from .campaign import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("campaign")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True)
+@click.option("--lang", "langs", multiple=True, help="only this language (repeatable)")
+@click.option("--recipient", "recipient", default=None, help="personalise for this address")
+@click.option("--png", is_flag=True, help="also screenshots at 600 and 375 px (chromium)")
+@pass_ctx
+@user_errors
+def preview(ctx: Ctx, campaign: str, out: str, langs: tuple[str, ...], recipient: str | None,
+            png: bool) -> None:
+    """Write .html, .txt and .eml per language: exactly what subscribers get."""
+    from .preview import write_preview
+
+    for path in write_preview(ctx.settings, campaign, Path(out), langs=list(langs),
+                              recipient=recipient, png=png):
+        click.echo(str(path))
+
+
+def _register() -> None:
+    from . import cli_send
+
+    cli_send.register(main)
+
+
+_register()

@@ -1,0 +1,180 @@
+"""CLI: send, report, suppressions, db."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import click
+
+from .cli import Ctx, fail, pass_ctx, user_errors
+
+
+def _store(ctx: Ctx) -> Any:
+    from .store import open_store
+
+    return open_store(ctx.settings.database_url)
+
+
+def _checked(ctx: Ctx, ref: str) -> Any:
+    from .campaign import find_campaign
+    from .checks import check_campaign
+
+    checked = check_campaign(find_campaign(ref, ctx.settings), ctx.settings)
+    for warning in checked.warnings:
+        if "in the past" not in warning:
+            click.echo(f"warning: {warning}", err=True)
+    return checked
+
+
+@click.command()
+@click.argument("campaign")
+@click.option("--dry-run", is_flag=True, help="everything but the SMTP dialogue; writes nothing")
+@click.option("--to", "to", multiple=True, help="test send to this address only (repeatable)")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="send at most N now")
+@click.option("--again", is_flag=True, help="start a new occurrence of a campaign already sent")
+@click.option("--resume", is_flag=True, help="continue the unfinished run (the default anyway)")
+@click.option("--retry-failed", is_flag=True, help="give the failed rows of the last run a try")
+@pass_ctx
+@user_errors
+def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], limit: int | None,
+         again: bool, resume: bool, retry_failed: bool) -> None:
+    """Send a campaign now (resumes an unfinished run)."""
+    from .sending import dry_run as do_dry_run
+    from .sending import plan_run, send_run, test_send
+
+    settings = ctx.settings
+    checked = _checked(ctx, campaign)
+    if to:
+        for address, status in asyncio.run(test_send(checked, settings, list(to))):
+            click.echo(f"test mail to {address}: {status}")
+        _where(settings)
+        return
+    store = _store(ctx)
+    if dry_run:
+        count, size = do_dry_run(checked, settings, store)
+        click.echo(f"dry run: {count} messages would be sent "
+                   f"({size / max(count, 1) / 1024:.1f} KiB each on average); nothing written")
+        return
+    plan = plan_run(checked, settings, store, again=again, retry_failed=retry_failed)
+    click.echo(plan.message)
+    if plan.run is None:
+        return
+    result = asyncio.run(send_run(settings, store, checked, plan.run, limit=limit))
+    c = result.counts
+    click.echo(f"run {result.run.id}: {c['sent']} sent, {c['failed']} failed, "
+               f"{c['pending'] + c['sending']} left")
+    if result.recovered:
+        click.echo(f"{result.recovered} messages were in flight when the previous process "
+                   "stopped; they were sent again (some may arrive twice)")
+    if result.stopped:
+        click.echo(f"stopped; continue with: mailer send {campaign}")
+    _where(settings)
+
+
+def _where(settings: Any) -> None:
+    if settings.smtp.embedded:
+        click.echo(f"messages are in the maildir {settings.outbox_dir}/new/")
+
+
+@click.command()
+@click.argument("campaign")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--failed", is_flag=True, help="list the failed recipients with code and reason")
+@pass_ctx
+@user_errors
+def report(ctx: Ctx, campaign: str, as_json: bool, failed: bool) -> None:
+    """Counts per status for the campaign's runs."""
+    from .campaign import find_campaign, load_campaign
+    from .report import build_report, print_report
+
+    settings = ctx.settings
+    path = find_campaign(campaign, settings)
+    campaign_id = load_campaign(path, settings).id if path.exists() else campaign
+    data = build_report(_store(ctx), campaign_id, settings=settings, failed=failed)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+    else:
+        print_report(data)
+
+
+@click.group()
+def suppressions() -> None:
+    """The global suppression list."""
+
+
+@suppressions.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@user_errors
+def suppressions_list(ctx: Ctx, as_json: bool) -> None:
+    from .store import queries as q
+
+    with _store(ctx).engine.connect() as conn:
+        rows = q.list_suppressions(conn)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    for r in rows:
+        when = r["created_at"]
+        click.echo(f"{r['email_key']}\t{r['list_name']}\t{r['reason']}\t{when:%Y-%m-%d %H:%M}"
+                   f"\t{r['detail']}")
+    click.echo(f"{len(rows)} suppressed", err=True)
+
+
+@suppressions.command("add")
+@click.argument("emails", nargs=-1, required=True)
+@click.option("--reason", default="manual")
+@click.option("--list", "list_name", default="*", help="only for this list (default: all)")
+@pass_ctx
+@user_errors
+def suppressions_add(ctx: Ctx, emails: tuple[str, ...], reason: str, list_name: str) -> None:
+    from .audience import email_key, normalise_address
+    from .store import queries as q
+
+    keys = []
+    for raw in emails:
+        try:
+            keys.append(email_key(normalise_address(raw)))
+        except ValueError as exc:
+            fail(f"'{raw}' is not a valid address ({exc})")
+    with _store(ctx).engine.begin() as conn:
+        added = sum(q.suppress(conn, k, reason=reason, source="cli", list_name=list_name)
+                    for k in keys)
+    click.echo(f"{added} added, {len(keys) - added} were already suppressed")
+
+
+@suppressions.command("remove")
+@click.argument("emails", nargs=-1, required=True)
+@pass_ctx
+@user_errors
+def suppressions_remove(ctx: Ctx, emails: tuple[str, ...]) -> None:
+    from .audience import email_key
+    from .store import queries as q
+
+    with _store(ctx).engine.begin() as conn:
+        removed = sum(q.unsuppress(conn, email_key(e)) for e in emails)
+    click.echo(f"{removed} removed")
+    if removed == 0:
+        sys.exit(1)
+
+
+@click.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("upgrade")
+@pass_ctx
+@user_errors
+def db_upgrade(ctx: Ctx) -> None:
+    """Apply migrations (also done automatically on first use)."""
+    _store(ctx)
+    click.echo("database is up to date")
+
+
+def register(main: click.Group) -> None:
+    for command in (send, report, suppressions, db):
+        main.add_command(command)

@@ -1,0 +1,210 @@
+"""Per-recipient message bytes: merge fields, unsubscribe token, every bulk-mail header.
+
+Everything that is the same for all recipients of a language (MIME skeleton, attachments,
+static headers) is encoded once in `Composer.__init__`; per recipient we fill the stage-2
+templates, quoted-printable encode the two text parts (binascii, in C) and write headers.
+The stdlib `email` package is only used to encode single header values.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.header import Header
+from datetime import datetime
+from email.utils import format_datetime, formataddr
+from pathlib import Path
+
+from .audience import Recipient
+from .config import Settings
+from .errors import ConfigError
+from .render import Links, Personalised, Rendition, personalise
+from .tokens import Tokens
+
+CRLF = b"\r\n"
+DKIM_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"list-id",
+                b"list-unsubscribe", b"list-unsubscribe-post", b"mime-version", b"content-type",
+                b"content-language", b"reply-to"]
+
+
+def _clean(value: str) -> str:
+    """No header can be injected: line breaks and control characters become spaces."""
+    return "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in value)
+
+
+def encode_header(name: str, value: str) -> bytes:
+    value = _clean(value)
+    if value.isascii() and len(value) + len(name) < 76:
+        return f"{name}: {value}".encode("ascii")
+    # RFC 2047 encoded-words, folded below 78 characters.
+    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    return f"{name}: {encoded}".encode("ascii")
+
+
+def address_header(name: str, display: str, address: str) -> bytes:
+    display = _clean(display)
+    address = _clean(address)
+    if address.isascii():
+        return f"{name}: {formataddr((display, address), charset='utf-8')}".encode("ascii")
+    # SMTPUTF8 (RFC 6532): the address goes raw in UTF-8; the display name is still encoded.
+    encoded = Header(display, "utf-8").encode() if display else ""
+    return f"{name}: {encoded} <{address}>".strip().encode("utf-8")
+
+
+def qp(text: str) -> bytes:
+    """Quoted-printable (RFC 2045 §6.7) with CRLF line ends."""
+    return binascii.b2a_qp(text.encode("utf-8"), istext=True).replace(b"\n", CRLF)
+
+
+def b64(data: bytes) -> bytes:
+    encoded = base64.encodebytes(data)  # 76-char lines
+    return encoded.replace(b"\n", CRLF)
+
+
+@dataclass(frozen=True, slots=True)
+class Composed:
+    data: bytes
+    subject: str
+    lang: str
+
+
+class Composer:
+    """Builds the message for one recipient of one rendition."""
+
+    def __init__(
+        self,
+        rendition: Rendition,
+        settings: Settings,
+        *,
+        tokens: Tokens,
+        test: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rendition = rendition
+        self.settings = settings
+        self.tokens = tokens
+        self.test = test
+        self.clock = clock
+        self.campaign_id = rendition.campaign.id
+        self._tz = settings.tz
+        token = secrets.token_hex(8)
+        self._alt = f"=_alt_{token}"
+        self._mixed = f"=_mix_{token}" if rendition.attachments else ""
+        self._static = self._static_headers()
+        self._tail = self._attachment_tail()
+        self._dkim = _load_dkim(settings)
+
+    def _static_headers(self) -> bytes:
+        s = self.settings
+        lines = [address_header("From", s.sender.name, s.sender.address)]
+        if s.sender.reply_to:
+            lines.append(address_header("Reply-To", "", s.sender.reply_to))
+        lines += [
+            encode_header("List-Id", s.list_id),
+            # RFC 8058: one-click unsubscribe by POST to the https URL in List-Unsubscribe.
+            b"List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+            b"MIME-Version: 1.0",
+        ]
+        return CRLF.join(lines) + CRLF
+
+    def _attachment_tail(self) -> bytes:
+        parts = []
+        for att in self.rendition.attachments:
+            name = _clean(att.filename)
+            disposition = Header(name, "utf-8").encode() if not name.isascii() else f'"{name}"'
+            parts.append(
+                f"--{self._mixed}\r\n"
+                f"Content-Type: {att.content_type}; name={disposition}\r\n"
+                f"Content-Disposition: attachment; filename={disposition}\r\n"
+                "Content-Transfer-Encoding: base64\r\n\r\n".encode("utf-8") + b64(att.data)
+            )
+        if not parts:
+            return b""
+        return b"".join(parts) + f"--{self._mixed}--\r\n".encode()
+
+    def links(self, recipient: Recipient) -> Links:
+        base = self.settings.base_url
+        token = self.tokens.manage(recipient.email, recipient.list, self.campaign_id)
+        return Links(
+            unsubscribe=f"{base}/unsubscribe/{token}",
+            preferences=f"{base}/preferences/{token}",
+            view_online=f"{base}/archive/{self.campaign_id}",
+        )
+
+    def compose(self, recipient: Recipient, *, message_id: str) -> Composed:
+        lr = self.rendition.for_language(recipient.language)
+        links = self.links(recipient)
+        body = personalise(lr, recipient, links)
+        data = self._headers(recipient, body, links, message_id) + self._body(body)
+        if self._dkim is not None:
+            data = self._dkim(data) + data
+        return Composed(data=data, subject=body.subject, lang=lr.lang)
+
+    def _headers(
+        self, recipient: Recipient, body: Personalised, links: Links, message_id: str
+    ) -> bytes:
+        subject = f"[TEST] {body.subject}" if self.test else body.subject
+        token = links.unsubscribe.rsplit("/", 1)[1]
+        mailto = f"mailto:{self.settings.unsubscribe_mailto}?subject=unsubscribe%20{token}"
+        lines = [
+            address_header("To", recipient.name, recipient.email),
+            encode_header("Subject", subject),
+            f"Date: {format_datetime(datetime.fromtimestamp(self.clock(), self._tz))}".encode(),
+            f"Message-ID: {message_id}".encode(),
+            # RFC 2369 §3.2, folded between the two URIs to stay under 998 octets a line.
+            f"List-Unsubscribe: <{links.unsubscribe}>,\r\n <{mailto}>".encode(),
+            f"Content-Language: {body.lang}".encode(),
+        ]
+        if self._mixed:
+            ctype = f'Content-Type: multipart/mixed; boundary="{self._mixed}"'
+        else:
+            ctype = f'Content-Type: multipart/alternative; boundary="{self._alt}"'
+        return CRLF.join(lines) + CRLF + self._static + ctype.encode() + CRLF + CRLF
+
+    def _body(self, body: Personalised) -> bytes:
+        alt = (
+            f"--{self._alt}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode() + qp(body.text)
+            + f"\r\n--{self._alt}\r\n"
+            "Content-Type: text/html; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode() + qp(body.html)
+            + f"\r\n--{self._alt}--\r\n".encode()
+        )
+        if not self._mixed:
+            return alt
+        head = (f"--{self._mixed}\r\n"
+                f'Content-Type: multipart/alternative; boundary="{self._alt}"\r\n\r\n').encode()
+        return head + alt + self._tail
+
+
+def message_id(*, domain: str, run_id: int | None = None, delivery_id: int | None = None) -> str:
+    """Stable per ledger row (a retry keeps its Message-ID), random otherwise."""
+    if run_id is not None and delivery_id is not None:
+        return f"<{run_id}.{delivery_id}.{secrets.token_hex(4)}@{domain}>"
+    return f"<{secrets.token_hex(12)}@{domain}>"
+
+
+def _load_dkim(settings: Settings) -> Callable[[bytes], bytes] | None:
+    cfg = settings.smtp.dkim
+    if cfg is None:
+        return None
+    import dkim
+
+    path = Path(cfg.key_file)
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the DKIM key ({exc.strerror})", path=path) from None
+
+    def sign(data: bytes) -> bytes:
+        signature: bytes = dkim.sign(
+            data, cfg.selector.encode(), cfg.domain.encode(), key, include_headers=DKIM_HEADERS
+        )
+        return signature
+
+    return sign

@@ -1,0 +1,207 @@
+"""Settings: config.yaml, then MAILER_* environment overrides; secrets only from the environment."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .yamlsrc import Located, load_yaml, raise_validation
+
+SECRET_FIELDS = ("password",)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DkimSettings(Strict):
+    selector: str
+    domain: str
+    key_file: Path
+
+
+class SmtpSettings(Strict):
+    host: str = "embedded"
+    port: int = Field(0, ge=0, le=65535)
+    username: str | None = None
+    password: str | None = None  # only ever set from MAILER_SMTP_PASSWORD
+    tls: Literal["none", "starttls", "tls"] = "none"
+    pool_size: int = Field(4, ge=1, le=64)
+    rate_per_second: float = Field(100.0, gt=0)
+    rate_per_hour: int | None = Field(None, gt=0)
+    retry_base_s: float = Field(30.0, ge=0)
+    max_attempts: int = Field(5, ge=1, le=50)
+    timeout_s: float = Field(30.0, gt=0)
+    helo: str | None = None
+    dkim: DkimSettings | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.host == "embedded"
+
+
+class SenderSettings(Strict):
+    name: str
+    address: str
+    reply_to: str | None = None
+
+    @field_validator("name", "address", "reply_to")
+    @classmethod
+    def _no_crlf(cls, value: str | None) -> str | None:
+        if value is not None and ("\r" in value or "\n" in value):
+            raise ValueError("must not contain line breaks")
+        return value
+
+
+class OrganisationSettings(Strict):
+    name: str
+    department: str
+    body: str
+    street: str
+    postcode: str
+    city: str
+    email: str
+    phone: str | None = None
+    website: str | None = None
+    responsible: str | None = None
+
+
+class SchedulerSettings(Strict):
+    misfire_grace_s: int = Field(3600, ge=0)
+    poll_s: float = Field(2.0, gt=0)
+
+
+class WebSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    subscribe_lists: list[str] = ["newsletter"]
+    languages: list[str] = ["de", "en", "tr", "ar"]
+
+
+class Settings(Strict):
+    timezone: str = "Europe/Berlin"
+    base_url: str = "http://127.0.0.1:8000"
+    database_url: str = "sqlite:///var/mailer.db"
+    secret_key: str | None = None  # only from MAILER_SECRET_KEY (or a generated dev key)
+    sender: SenderSettings
+    list_id: str
+    unsubscribe_mailto: str
+    message_id_domain: str | None = None
+    campaigns_dir: Path = Path("campaigns")
+    lists_dir: Path = Path("lists")
+    templates_dir: Path = Path("templates")
+    var_dir: Path = Path("var")
+    organisation: OrganisationSettings
+    smtp: SmtpSettings = SmtpSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    web: WebSettings = WebSettings()
+    max_recipients: int = Field(1_000_000, ge=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone '{value}' (use e.g. Europe/Berlin)") from None
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must start with https:// or http://")
+        return value.rstrip("/")
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def msgid_domain(self) -> str:
+        return self.message_id_domain or self.sender.address.rpartition("@")[2]
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.var_dir / "outbox"
+
+    def secret(self) -> str:
+        """The signing key: MAILER_SECRET_KEY, else a random key kept under var/ (dev only)."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.var_dir / "secret.key"
+        if path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        return key
+
+
+def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    data = dict(data)
+    smtp = dict(data.get("smtp") or {})
+    simple = {
+        "MAILER_DATABASE_URL": "database_url",
+        "MAILER_SECRET_KEY": "secret_key",
+        "MAILER_BASE_URL": "base_url",
+        "MAILER_TIMEZONE": "timezone",
+    }
+    for var, key in simple.items():
+        if env.get(var):
+            data[key] = env[var]
+    for name in SmtpSettings.model_fields:
+        value = env.get(f"MAILER_SMTP_{name.upper()}")
+        if value is not None and name != "dkim":
+            smtp[name] = None if value == "" else value
+    if env.get("MAILER_SMTP_HOST") and "MAILER_SMTP_PORT" not in env:
+        smtp["port"] = 465 if smtp.get("tls") == "tls" else 25
+    data["smtp"] = smtp
+    return data
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    path = Path(path or env.get("MAILER_CONFIG") or "config.yaml")
+    located = load_yaml(path, error=ConfigError)
+    if located.data is None:
+        located.data = {}
+    if not isinstance(located.data, dict):
+        raise ConfigError("the config must be a mapping of keys to values", path=path, line=1)
+    for key in ("secret_key",):
+        if key in located.data:
+            raise ConfigError("secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
+                              path=path, line=located.line((key,)), field=key)
+    if "password" in (located.data.get("smtp") or {}):
+        raise ConfigError("secrets belong in the environment: remove it and set MAILER_SMTP_PASSWORD",
+                          path=path, line=located.line(("smtp", "password")), field="smtp.password")
+    data = _env_overrides(located.data, env)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise_validation(exc, Located(data, path, located.lines), error=ConfigError, model=Settings)
+        raise  # unreachable: raise_validation always raises
+    return _rooted(settings, path.parent)
+
+
+def _rooted(settings: Settings, root: Path) -> Settings:
+    """Relative directories in config.yaml are relative to the config file."""
+    updates = {}
+    for name in ("campaigns_dir", "lists_dir", "templates_dir", "var_dir"):
+        value: Path = getattr(settings, name)
+        if not value.is_absolute():
+            updates[name] = root / value
+    db = settings.database_url
+    prefix = "sqlite:///"
+    if db.startswith(prefix) and not db.startswith("sqlite:////") and ":memory:" not in db:
+        updates["database_url"] = prefix + str((root / db[len(prefix):]).resolve())
+    return settings.model_copy(update=updates)

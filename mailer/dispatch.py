@@ -1,0 +1,351 @@
+"""A run: snapshot the audience into the ledger, claim, send, retry, finish.
+
+The checkpoint moves only after the server said 250: a row becomes `sent` when the result of
+its SMTP transaction is committed, and a worker starts its next transaction only after that
+commit (group commit: concurrent results share one write). So after a crash at most the
+transactions in flight — at most `pool_size` — can have reached the server without being
+recorded; those rows are caught `sending`, retried, and counted in `in_flight_recovered`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import Connection
+
+from .audience import Recipient
+from .compose import Composer, message_id
+from .config import Settings
+from .errors import AuthenticationFailure
+from .render import Rendition
+from .store import DeliveryStatus, RunStatus, Store
+from .store import queries as q
+from .tokens import Tokens
+from .transport import DeliveryResult, Outcome, Outgoing, Transport
+
+log = logging.getLogger("mailer.dispatch")
+
+LEASE_S = 600.0  # a claim older than this is abandoned even if its owner looks alive
+IDLE_POLL_S = 1.0
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _dead(claimed_by: str | None, claimed_at: datetime | None, now: datetime, me: str) -> bool:
+    """Is the worker that claimed this row gone (so the row may be retried)?"""
+    if claimed_at is None or (now - claimed_at).total_seconds() > LEASE_S or not claimed_by:
+        return True
+    host, _, rest = claimed_by.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine's worker: wait for its lease to run out
+    if claimed_by == me:
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # an earlier dispatcher of this process that is not running any more
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Progress(Protocol):
+    def update(self, *, done: int, total: int, note: str = "") -> None: ...
+
+
+class NoProgress:
+    def update(self, *, done: int, total: int, note: str = "") -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    run: q.Run
+    counts: dict[str, int]
+    sent_now: int = 0
+    recovered: int = 0
+    stopped: bool = False
+
+
+class GroupCommit:
+    """Workers submit results and wait; whatever piles up during one write goes in the next."""
+
+    def __init__(self, write: Callable[[list[Any]], None]) -> None:
+        self._write = write
+        self._items: list[Any] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Any) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._items.append(item)
+        self._waiters.append(future)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._items:
+            items, waiters = self._items, self._waiters
+            self._items, self._waiters = [], []
+            try:
+                await asyncio.to_thread(self._write, items)
+            except BaseException as exc:  # every waiter learns about a failed write
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+
+@dataclass
+class Dispatcher:
+    store: Store
+    transport: Transport
+    composer: Composer
+    settings: Settings
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: Progress = field(default_factory=NoProgress)
+    limit: int | None = None
+    batch_size: int = 200
+    worker: str = field(default_factory=worker_id)
+    now: Callable[[], datetime] = q.utcnow
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    def __post_init__(self) -> None:
+        self._commit = GroupCommit(self._write)
+        self._auth_error: AuthenticationFailure | None = None
+        self._sent_now = 0
+        self._started = 0
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self, run: q.Run) -> RunResult:
+        recovered = await self._tx(lambda c: self._recover(c, run.id))
+        if recovered:
+            log.warning("run %s: %d rows were in flight when the last process stopped; "
+                        "they are retried (at most %d can have been delivered twice)",
+                        run.id, recovered, self.settings.smtp.pool_size)
+        counts = await self._tx(lambda c: q.status_counts(c, run.id))
+        total = sum(counts.values())
+        done = counts["sent"] + counts["failed"]
+        self.progress.update(done=done, total=total)
+        while not self.stop.is_set() and not self._limit_reached():
+            want = self.batch_size
+            if self.limit is not None:
+                want = min(want, self.limit - self._started)
+            rows = await self._tx(lambda c, n=want: q.claim(c, run.id, worker=self.worker,
+                                                             limit=n, now=self.now()))
+            if rows:
+                done += await self._send_batch(rows)
+                self.progress.update(done=done, total=total)
+                continue
+            if not await self._wait_for_more(run.id, done, total):
+                break
+        if self._auth_error is not None:
+            raise self._auth_error
+        counts = await self._tx(lambda c: q.status_counts(c, run.id))
+        finished = counts["pending"] == 0 and counts["sending"] == 0
+        if finished:
+            await self._tx(lambda c: q.set_run_status(c, run.id, RunStatus.FINISHED))
+        final = await self._tx(lambda c: q.get_run(c, run.id))
+        return RunResult(run=final, counts=counts, sent_now=self._sent_now, recovered=recovered,
+                         stopped=not finished)
+
+    def _limit_reached(self) -> bool:
+        return self.limit is not None and self._started >= self.limit
+
+    async def _wait_for_more(self, run_id: int, done: int, total: int) -> bool:
+        """Nothing due now: wait for the next retry, or report that the run is complete."""
+        counts = await self._tx(lambda c: q.status_counts(c, run_id))
+        if counts["pending"] == 0 and counts["sending"] == 0:
+            return False
+        if counts["pending"] == 0:
+            # Rows another worker holds: wait, and take them over if it dies.
+            await self._tx(lambda c: self._recover(c, run_id))
+            delay = IDLE_POLL_S
+        else:
+            due = await self._tx(lambda c: q.next_attempt(c, run_id))
+            delay = max(0.0, (due - self.now()).total_seconds()) if due else 0.0
+            local = due.astimezone(self.settings.tz).strftime("%H:%M:%S") if due else "now"
+            self.progress.update(done=done, total=total,
+                                 note=f"waiting for {counts['pending']} retries until {local}")
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=min(delay, 5.0) + 0.01)
+        except TimeoutError:
+            pass
+        return not self.stop.is_set()
+
+    async def _send_batch(self, rows: Sequence[q.Claimed]) -> int:
+        suppressed = await self._tx(lambda c: q.suppressed_among(
+            c, [(r.email_key, r.list_name) for r in rows]))
+        if suppressed:
+            await self._commit.submit([
+                q.Outcome(id=r.id, status=DeliveryStatus.FAILED, smtp_code=None,
+                          smtp_text="not sent: the address is suppressed")
+                for r in rows if r.email_key in suppressed])
+        todo = [r for r in rows if r.email_key not in suppressed]
+        gate = asyncio.Semaphore(self.settings.smtp.pool_size)
+        unsent: list[int] = []
+
+        async def one(row: q.Claimed) -> None:
+            async with gate:
+                if self.stop.is_set():
+                    unsent.append(row.id)
+                    return
+                await self._deliver(row)
+
+        await asyncio.gather(*(one(r) for r in todo))
+        if unsent:
+            await self._tx(lambda c: q.release(c, unsent))
+        return len(rows) - len(unsent)
+
+    async def _deliver(self, row: q.Claimed) -> None:
+        recipient = Recipient(email=row.email, name=row.name, language=row.language,
+                              fields=dict(row.fields or {}), list=row.list_name)
+        mid = row.message_id or message_id(domain=self.settings.msgid_domain,
+                                           run_id=None, delivery_id=None)
+        data = self.composer.compose(recipient, message_id=mid).data
+        self._started += 1
+        try:
+            result = await self.transport.send(Outgoing(
+                key=row.id, sender=self.settings.sender.address, recipient=row.email, data=data))
+        except AuthenticationFailure as exc:
+            self._auth_error = exc
+            self.stop.set()
+            await self._tx(lambda c: q.release(c, [row.id]))
+            return
+        await self._commit.submit([self._outcome(row, result, mid)])
+
+    def _outcome(self, row: q.Claimed, result: DeliveryResult, mid: str) -> q.Outcome:
+        now = self.now()
+        text = f"{result.text}"[:500]
+        if result.outcome == Outcome.SENT:
+            self._sent_now += 1
+            return q.Outcome(id=row.id, status=DeliveryStatus.SENT, smtp_code=result.code,
+                             smtp_text=text, sent_at=now, message_id=mid)
+        if result.outcome == Outcome.TEMPORARY and row.attempts < self.settings.smtp.max_attempts:
+            return q.Outcome(id=row.id, status=DeliveryStatus.PENDING, smtp_code=result.code,
+                             smtp_text=text, message_id=mid,
+                             next_attempt_at=now + timedelta(seconds=self.backoff_s(row.attempts)))
+        if result.outcome == Outcome.TEMPORARY:
+            text = f"gave up after {row.attempts} attempts: {text}"[:500]
+        return _Failed(id=row.id, status=DeliveryStatus.FAILED, smtp_code=result.code,
+                       smtp_text=text, message_id=mid,
+                       suppress_key=row.email_key if result.suppress else None)
+
+    def backoff_s(self, attempts: int) -> float:
+        """Exponential backoff with ±20 % jitter, so retries of a batch do not march in step."""
+        base = self.settings.smtp.retry_base_s * (2 ** max(attempts - 1, 0))
+        return min(base, 6 * 3600) * random.uniform(0.8, 1.2)
+
+    # -- the store -------------------------------------------------------------------------
+
+    def _write(self, batches: list[list[q.Outcome]]) -> None:
+        outcomes = [o for batch in batches for o in batch]
+        with self.store.engine.begin() as conn:
+            q.record(conn, outcomes)
+            for o in outcomes:
+                if isinstance(o, _Failed) and o.suppress_key:
+                    # RFC 3463 5.1.x: the mailbox does not exist; never send to it again.
+                    q.suppress(conn, o.suppress_key, reason="hard_bounce",
+                               source="smtp", detail=f"{o.smtp_code} {o.smtp_text}")
+
+    def _recover(self, conn: Connection, run_id: int) -> int:
+        now = self.now()
+        dead = [i for i, by, at in q.stuck_sending(conn, run_id) if _dead(by, at, now, self.worker)]
+        count = q.requeue(conn, dead)
+        if count:
+            q.add_recovered(conn, run_id, count)
+        return count
+
+    async def _tx(self, fn: Callable[[Connection], Any]) -> Any:
+        def work() -> Any:
+            with self.store.engine.begin() as conn:
+                return fn(conn)
+
+        return await asyncio.to_thread(work)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed(q.Outcome):
+    suppress_key: str | None = None
+
+
+def start_run(
+    store: Store,
+    *,
+    campaign_id: str,
+    occurrence: str,
+    trigger: str,
+    recipients: Sequence[Recipient],
+    scheduled_at: datetime | None = None,
+    late_s: float | None = None,
+) -> tuple[q.Run, bool]:
+    """Create the run and its ledger rows in one transaction; a second start adds nothing."""
+    with store.engine.begin() as conn:
+        run, created = q.insert_run(conn, campaign_id=campaign_id, occurrence=occurrence,
+                                    trigger=trigger, scheduled_at=scheduled_at, late_s=late_s)
+        if created:
+            q.snapshot(conn, run.id, (
+                {"email": r.email, "email_key": r.key, "name": r.name, "language": r.language,
+                 "list_name": r.list, "fields": r.fields}
+                for r in recipients))
+            run = q.get_run(conn, run.id)
+    return run, created
+
+
+@contextlib.asynccontextmanager
+async def open_transport(settings: Settings) -> AsyncIterator[Transport]:
+    """The configured relay, or the embedded capture server writing to var/outbox/."""
+    from .capture import CaptureServer
+    from .transport import SmtpPool
+
+    if not settings.smtp.embedded:
+        async with SmtpPool(settings.smtp) as pool:
+            yield pool
+        return
+    async with CaptureServer(outbox=settings.outbox_dir) as server, SmtpPool(
+        settings.smtp, host=server.host, port=server.port
+    ) as pool:
+        yield pool
+
+
+async def deliver_run(
+    settings: Settings,
+    store: Store,
+    rendition: Rendition,
+    run: q.Run,
+    *,
+    stop: asyncio.Event | None = None,
+    progress: Progress | None = None,
+    limit: int | None = None,
+    transport: Transport | None = None,
+) -> RunResult:
+    """Send a run's pending rows until every row is sent or failed (or stop/limit)."""
+    composer = Composer(rendition, settings, tokens=Tokens(settings.secret()))
+    async with contextlib.AsyncExitStack() as stack:
+        if transport is None:
+            transport = await stack.enter_async_context(open_transport(settings))
+        dispatcher = Dispatcher(store=store, transport=transport, composer=composer,
+                                settings=settings, stop=stop or asyncio.Event(),
+                                progress=progress or NoProgress(), limit=limit)
+        return await dispatcher.run(run)

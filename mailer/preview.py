@@ -1,0 +1,126 @@
+"""`mailer preview`: the exact mail per language as .html, .txt, .eml (and .png on request)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .audience import Recipient, email_key, normalise_address
+from .campaign import find_campaign
+from .checks import check_campaign, sample_recipient
+from .compose import Composer, message_id
+from .config import Settings
+from .errors import CampaignError, UserError
+from .render import personalise
+from .tokens import Tokens
+
+CHROMIUM = "/usr/bin/chromium"
+WIDTHS = (600, 375)
+
+
+def pick_recipient(
+    recipients: list[Recipient], lang: str, wanted: str | None, fallback: Recipient
+) -> Recipient:
+    if wanted:
+        try:
+            address = normalise_address(wanted)
+        except ValueError as exc:
+            raise UserError(f"--recipient '{wanted}' is not a valid address ({exc})") from None
+        for r in recipients:
+            if r.key == email_key(address):
+                return r
+        return Recipient(email=address, language=lang, fields=dict(fallback.fields),
+                         list=fallback.list)
+    same = [r for r in recipients if r.language == lang]
+    return same[0] if same else Recipient(
+        email=fallback.email, name=fallback.name, language=lang, fields=fallback.fields,
+        list=recipients[0].list if recipients else "")
+
+
+def write_preview(
+    settings: Settings, ref: str, out: Path, *, langs: list[str], recipient: str | None,
+    png: bool
+) -> list[Path]:
+    checked = check_campaign(find_campaign(ref, settings), settings)
+    campaign = checked.campaign
+    for lang in langs:
+        if lang not in campaign.content:
+            raise CampaignError(f"the campaign has no language '{lang}' "
+                                f"(it has {', '.join(campaign.languages)})", path=campaign.source)
+    if png and not Path(CHROMIUM).exists():
+        raise UserError("--png needs Debian's chromium: run 'apt-get install chromium' "
+                        "(or leave out --png)")
+    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()))
+    fallback = sample_recipient(campaign, settings)
+    files: dict[str, bytes] = {}
+    for lang in langs or campaign.languages:
+        person = pick_recipient(checked.recipients, lang, recipient, fallback)
+        person = Recipient(email=person.email, name=person.name, language=lang,
+                           fields=person.fields, list=person.list)
+        body = personalise(checked.rendition.languages[lang], person, composer.links(person))
+        stem = f"{campaign.id}.{lang}"
+        files[f"{stem}.html"] = body.html.encode("utf-8")
+        files[f"{stem}.txt"] = body.text.encode("utf-8")
+        files[f"{stem}.eml"] = composer.compose(
+            person, message_id=message_id(domain=settings.msgid_domain)).data
+    written = _write_all(out, files)
+    if png:
+        for name in [n for n in files if n.endswith(".html")]:
+            written += screenshot(out / name)
+    return written
+
+
+def _write_all(out: Path, files: dict[str, bytes]) -> list[Path]:
+    """Write into a temporary folder first, then move: nothing half-written on failure."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        for name in files:
+            os.replace(Path(tmp) / name, out / name)
+    return [out / name for name in files]
+
+
+def screenshot(html: Path) -> list[Path]:
+    """Full-page screenshots at desktop and phone width."""
+    outputs = []
+    for width in WIDTHS:
+        target = html.with_suffix(f".{width}.png")
+        _shoot(html, target, width)
+        outputs.append(target)
+    return outputs
+
+
+def _shoot(html: Path, target: Path, width: int) -> None:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _shoot_cli(html, target, width)
+        return
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": width, "height": 800})
+        page.goto(html.resolve().as_uri())
+        page.screenshot(path=str(target), full_page=True)
+        browser.close()
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _shoot_cli(html: Path, target: Path, width: int) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [CHROMIUM, "--headless", *CHROMIUM_ARGS, f"--user-data-dir={profile}",
+               f"--screenshot={target}", f"--window-size={width},2400", html.resolve().as_uri()]
+        result = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    if result.returncode != 0 or not target.exists():
+        raise UserError(f"chromium could not take the screenshot of {html} "
+                        f"(exit {result.returncode})")
+
+
+def chromium_available() -> bool:
+    return Path(CHROMIUM).exists() or shutil.which("chromium") is not None

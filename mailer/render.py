@@ -1,0 +1,606 @@
+"""Campaign → Rendition: Jinja2 → MJML → HTML once per language, plus a real text part.
+
+Rendering happens in two stages. Stage 1 (once per campaign × language) renders the layout and
+compiles MJML; every Jinja snippet staff wrote in a field ({{ recipient.name }}, {% if … %}) and
+every per-recipient link is replaced by an opaque placeholder first, so Markdown, escaping and
+MJML cannot mangle it. The compiled HTML and the text part then become small stage-2 templates
+in which only the placeholders are live; per recipient only those are filled in.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import textwrap
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+from babel.dates import format_date, format_time
+from markdown_it import MarkdownIt
+from markupsafe import Markup
+from mjml import mjml2html
+
+from .audience import Recipient
+from .campaign import RTL_LANGUAGES, Campaign, Event, attachment_paths, resolve_local
+from .config import Settings
+from .errors import CampaignError, TemplateError
+
+PLACEHOLDER = "Mf7q{}q7fM"
+PLACEHOLDER_RE = re.compile(r"Mf7q(\d+)q7fM")
+SNIPPET_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)
+TIME_SUFFIX = {"de": " Uhr"}
+TEXT_WIDTH = 76
+LINK_NAMES = ("unsubscribe", "preferences", "view_online")
+
+
+@dataclass(frozen=True, slots=True)
+class Links:
+    unsubscribe: str
+    preferences: str
+    view_online: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LangRendition:
+    lang: str
+    dir: str
+    subject: jinja2.Template
+    html: jinja2.Template
+    text: jinja2.Template
+    static_subject: str | None  # the subject when it has no merge fields
+
+
+@dataclass(frozen=True)
+class Rendition:
+    campaign: Campaign
+    languages: dict[str, LangRendition]
+    attachments: tuple[Attachment, ...]
+
+    def for_language(self, language: str) -> LangRendition:
+        """The recipient's language when the campaign has it, else the default (first)."""
+        if language in self.languages:
+            return self.languages[language]
+        base = language.split("-")[0]
+        return self.languages.get(base) or self.languages[self.campaign.default_language]
+
+
+@dataclass(frozen=True, slots=True)
+class Personalised:
+    lang: str
+    subject: str
+    html: str
+    text: str
+
+
+# --- stage 2: the per-recipient templates -------------------------------------------------
+
+
+@functools.cache
+def _stage2(autoescape: bool) -> jinja2.Environment:
+    return jinja2.Environment(
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        # Comments are never ours; move their delimiters out of the way of CSS like `{#id`.
+        comment_start_string="{#\x00",
+        comment_end_string="\x00#}",
+    )
+
+
+class Snippets:
+    """Collects staff-written Jinja snippets and hands out placeholders for them."""
+
+    def __init__(self, campaign: Campaign) -> None:
+        self.campaign = campaign
+        self.sources: list[str] = []
+        self.locs: list[tuple[str | int, ...]] = []
+
+    def protect(self, text: str, loc: tuple[str | int, ...]) -> str:
+        self._check_syntax(text, loc)
+
+        def swap(match: re.Match[str]) -> str:
+            self.sources.append(match.group(0))
+            self.locs.append(loc)
+            return PLACEHOLDER.format(len(self.sources) - 1)
+
+        return SNIPPET_RE.sub(swap, text)
+
+    def link(self, name: str) -> str:
+        self.sources.append("{{ links.%s }}" % name)
+        self.locs.append(())
+        return PLACEHOLDER.format(len(self.sources) - 1)
+
+    def _check_syntax(self, text: str, loc: tuple[str | int, ...]) -> None:
+        if "{" not in text:
+            return
+        try:
+            _stage2(False).parse(text)
+        except jinja2.TemplateSyntaxError as exc:
+            raise self.campaign.error(
+                f"merge field syntax error: {exc.message} (write merge fields like "
+                "{{ recipient.name }})",
+                *loc,
+            ) from None
+
+    def template(self, compiled: str, *, autoescape: bool) -> jinja2.Template:
+        parts: list[str] = []
+        last = 0
+        for match in PLACEHOLDER_RE.finditer(compiled):
+            parts.append(_raw(compiled[last : match.start()]))
+            parts.append(self.sources[int(match.group(1))])
+            last = match.end()
+        parts.append(_raw(compiled[last:]))
+        return _stage2(autoescape).from_string("".join(parts))
+
+
+def _raw(literal: str) -> str:
+    if not literal:
+        return ""
+    return "{% raw %}" + literal.replace("{% endraw %}", "{% endraw %}{{ '{% endraw %}' }}{% raw %}") + "{% endraw %}"
+
+
+# --- stage 1 --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _stage1(templates_dir: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+@functools.cache
+def _strings(templates_dir: Path) -> dict[str, dict[str, str]]:
+    path = templates_dir / "strings.yaml"
+    if not path.exists():
+        return {"de": {}}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {str(k): dict(v) for k, v in data.items()}
+
+
+def ui_strings(settings: Settings, lang: str) -> dict[str, str]:
+    strings = _strings(settings.templates_dir)
+    return {**strings.get("de", {}), **strings.get(lang, {})}
+
+
+_markdown = MarkdownIt("commonmark", {"html": False, "typographer": False}).enable("strikethrough")
+
+
+def render_campaign(campaign: Campaign, settings: Settings) -> Rendition:
+    languages = {lang: _render_language(campaign, settings, lang) for lang in campaign.languages}
+    return Rendition(
+        campaign=campaign,
+        languages=languages,
+        attachments=tuple(_attachments(campaign, settings)),
+    )
+
+
+def _render_language(campaign: Campaign, settings: Settings, lang: str) -> LangRendition:
+    snippets = Snippets(campaign)
+    content = campaign.content[lang]
+    loc: tuple[str | int, ...] = ("content", lang)
+    t = ui_strings(settings, lang)
+    blocks = [
+        _block_context(campaign, settings, lang, i, b.kind, b.value, snippets, (*loc, "blocks", i))
+        for i, b in enumerate(content.blocks)
+    ]
+    links = {name: snippets.link(name) for name in LINK_NAMES}
+    org = settings.organisation.model_dump()
+    context: dict[str, Any] = {
+        "lang": lang,
+        "dir": "rtl" if lang.split("-")[0] in RTL_LANGUAGES else "ltr",
+        "subject": snippets.protect(content.subject, (*loc, "subject")),
+        "preheader": snippets.protect(content.preheader, (*loc, "preheader")),
+        "title": campaign.display_title,
+        "blocks": blocks,
+        "event": next((b for b in blocks if b["kind"] == "event"), None),
+        "org": org,
+        "links": links,
+        "t": t,
+        "campaign": {"id": campaign.id, "template": campaign.template},
+        "sender": {"name": settings.sender.name, "address": settings.sender.address},
+    }
+    mjml_source = _render_layout(campaign, settings, context)
+    try:
+        html = mjml2html(mjml_source, disable_comments=True)
+    except ValueError as exc:
+        raise TemplateError(
+            f"MJML did not compile for language '{lang}': {exc} (check the layout and any HTML "
+            "in the text blocks)",
+            path=settings.templates_dir / f"{campaign.template}.mjml.j2",
+        ) from None
+    text = text_part(context, org=org, t=t)
+    subject_src = content.subject
+    return LangRendition(
+        lang=lang,
+        dir=context["dir"],
+        subject=_stage2(False).from_string(subject_src),
+        html=snippets.template(html, autoescape=True),
+        text=snippets.template(text, autoescape=False),
+        static_subject=None if "{" in subject_src else subject_src,
+    )
+
+
+def _render_layout(campaign: Campaign, settings: Settings, context: dict[str, Any]) -> str:
+    name = f"{campaign.template}.mjml.j2"
+    try:
+        return _stage1(settings.templates_dir).get_template(name).render(context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"template syntax error: {exc.message}",
+                            path=exc.filename or name, line=exc.lineno) from None
+    except jinja2.TemplateNotFound as exc:
+        raise TemplateError(f"template '{exc.name}' not found", path=settings.templates_dir) \
+            from None
+    except jinja2.UndefinedError as exc:
+        raise TemplateError(
+            f"the template uses an undefined variable: {exc.message}",
+            path=settings.templates_dir / name,
+            line=_template_line(exc),
+        ) from None
+
+
+def _template_line(exc: BaseException) -> int | None:
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(".j2"):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _block_context(
+    campaign: Campaign,
+    settings: Settings,
+    lang: str,
+    index: int,
+    kind: str,
+    value: Any,
+    snippets: Snippets,
+    loc: tuple[str | int, ...],
+) -> dict[str, Any]:
+    def p(text: str | None, *sub: str) -> str | None:
+        return None if text is None else snippets.protect(text, (*loc, kind, *sub))
+
+    if kind == "heading":
+        return {"kind": kind, "index": index, "text": snippets.protect(value, (*loc, kind))}
+    if kind == "text":
+        source = snippets.protect(value, (*loc, kind))
+        return {"kind": kind, "index": index, "html": Markup(_markdown.render(source)),
+                "source": source}
+    if kind == "image":
+        return {"kind": kind, "index": index, "src": p(value.src, "src"), "alt": p(value.alt, "alt"),
+                "href": p(value.href, "href"), "width": value.width}
+    if kind == "button":
+        return {"kind": kind, "index": index, "label": p(value.label, "label"),
+                "url": p(value.url, "url")}
+    if kind == "quote":
+        return {"kind": kind, "index": index, "text": p(value.text, "text"),
+                "author": p(value.author, "author")}
+    if kind == "event":
+        return _event_context(campaign, settings, lang, index, value, snippets, loc)
+    return {"kind": kind, "index": index}
+
+
+def _event_times(
+    campaign: Campaign, settings: Settings, event: Event, loc: tuple[str | int, ...]
+) -> tuple[datetime, datetime | None]:
+    try:
+        start = resolve_local(event.start, settings)
+    except ValueError as exc:
+        raise campaign.error(str(exc), *loc, "event", "start") from None
+    try:
+        end = resolve_local(event.end, settings) if event.end else None
+    except ValueError as exc:
+        raise campaign.error(str(exc), *loc, "event", "end") from None
+    return start, end
+
+
+def _event_context(
+    campaign: Campaign,
+    settings: Settings,
+    lang: str,
+    index: int,
+    event: Event,
+    snippets: Snippets,
+    loc: tuple[str | int, ...],
+) -> dict[str, Any]:
+    start, end = _event_times(campaign, settings, event, loc)
+    locale = lang.replace("-", "_")
+    date = format_date(start.date(), format="full", locale=locale)
+    suffix = TIME_SUFFIX.get(lang, "")
+    time = format_time(start.time(), format="short", locale=locale)
+    if end is not None and end.date() == start.date():
+        time += " – " + format_time(end.time(), format="short", locale=locale)
+    time += suffix
+    if end is not None and end.date() != start.date():
+        time += " – " + format_date(end.date(), format="long", locale=locale)
+    where = ", ".join(x for x in (event.place, event.address) if x)
+    description = None
+    if event.description:
+        description = Markup(_markdown.render(
+            snippets.protect(event.description, (*loc, "event", "description"))))
+    return {
+        "kind": "event",
+        "index": index,
+        "title": snippets.protect(event.title, (*loc, "event", "title")),
+        "date": date,
+        "time": time,
+        "when": f"{date}, {time}",
+        "place": snippets.protect(event.place, (*loc, "event", "place")),
+        "address": event.address,
+        "map_url": "https://www.openstreetmap.org/search?query=" + urllib.parse.quote(where),
+        "ics_name": ics_name(event, index) if event.calendar else None,
+        "description": description,
+    }
+
+
+def ics_name(event: Event, index: int) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", event.title.lower().translate(_UMLAUTS)).strip("-")
+    return f"{slug[:50] or 'termin'}-{index + 1}.ics"
+
+
+_UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss"})
+
+
+# --- the text part --------------------------------------------------------------------------
+
+
+def text_part(context: dict[str, Any], *, org: dict[str, Any], t: dict[str, str]) -> str:
+    """A plain-text version that says what the HTML says: readable, not tag soup."""
+    out: list[str] = []
+    if context["preheader"]:
+        out += [_wrap(context["preheader"]), ""]
+    for block in context["blocks"]:
+        out += list(_text_block(block, t)) + [""]
+    out += ["-" * 40]
+    out += [f"{t.get('view_online', 'Online')}: {context['links']['view_online']}"]
+    out += [f"{t.get('preferences', 'Preferences')}: {context['links']['preferences']}"]
+    out += [f"{t.get('unsubscribe', 'Unsubscribe')}: {context['links']['unsubscribe']}", ""]
+    if t.get("why"):
+        out += [_wrap(t["why"]), ""]
+    out += [t.get("impressum", "Impressum"), org["name"], org["department"], org["body"],
+            org["street"], f"{org['postcode']} {org['city']}", org["email"]]
+    out += [x for x in (org.get("website"), org.get("responsible") and
+                        f"{t.get('responsible', 'V.i.S.d.P.')}: {org['responsible']}") if x]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _text_block(block: dict[str, Any], t: dict[str, str]) -> Iterator[str]:
+    kind = block["kind"]
+    if kind == "heading":
+        yield block["text"]
+        yield "=" * min(len(block["text"]), TEXT_WIDTH)
+    elif kind == "text":
+        yield markdown_to_text(block["source"]).rstrip()
+    elif kind == "image":
+        label = f"[{block['alt']}]"
+        yield f"{label}: {block['href']}" if block["href"] else label
+    elif kind == "button":
+        yield f"{block['label']}: {block['url']}"
+    elif kind == "quote":
+        yield _wrap(f"„{block['text']}“", indent="  ")
+        if block["author"]:
+            yield f"  — {block['author']}"
+    elif kind == "event":
+        yield block["title"]
+        yield f"{t.get('when', 'Wann')}: {block['when']}"
+        yield f"{t.get('where', 'Wo')}: " + ", ".join(
+            x for x in (block["place"], block["address"]) if x)
+        yield f"{t.get('map', 'Karte')}: {block['map_url']}"
+        if block["ics_name"] and t.get("calendar_attached"):
+            yield _wrap(t["calendar_attached"])
+        if block["description"]:
+            yield html_to_text_fallback(str(block["description"]))
+    elif kind == "divider":
+        yield "* * *"
+
+
+def _wrap(text: str, indent: str = "") -> str:
+    return "\n".join(
+        textwrap.fill(para, TEXT_WIDTH, initial_indent=indent, subsequent_indent=indent,
+                      break_long_words=False, break_on_hyphens=False)
+        for para in text.split("\n")
+    )
+
+
+def markdown_to_text(source: str) -> str:
+    """Markdown → plain text: paragraphs, '- ' lists, links as 'label: url'."""
+    tokens = _markdown.parse(source)
+    lines: list[str] = []
+    prefix: list[str] = []
+    counters: list[int | None] = []
+    pending_item = ""
+    for tok in tokens:
+        if tok.type in ("bullet_list_open", "ordered_list_open"):
+            counters.append(None if tok.type == "bullet_list_open" else int(tok.attrGet("start") or 1))
+        elif tok.type in ("bullet_list_close", "ordered_list_close"):
+            counters.pop()
+            if not counters:
+                lines.append("")
+        elif tok.type == "list_item_open":
+            n = counters[-1]
+            pending_item = "- " if n is None else f"{n}. "
+            if n is not None:
+                counters[-1] = n + 1
+        elif tok.type == "blockquote_open":
+            prefix.append("> ")
+        elif tok.type == "blockquote_close":
+            prefix.pop()
+        elif tok.type == "inline":
+            text = _inline_text(tok.children or [])
+            indent = "  " * max(len(counters) - 1, 0)
+            lead = "".join(prefix) + indent
+            first = lead + pending_item
+            rest = lead + " " * len(pending_item)
+            for i, para in enumerate(text.split("\n")):
+                lines.append(textwrap.fill(para, TEXT_WIDTH, initial_indent=first if i == 0 else rest,
+                                           subsequent_indent=rest, break_long_words=False,
+                                           break_on_hyphens=False))
+            pending_item = ""
+        elif tok.type in ("paragraph_close", "heading_close") and not counters:
+            lines.append("")
+        elif tok.type in ("code_block", "fence"):
+            lines += [("    " + line) for line in tok.content.rstrip("\n").split("\n")] + [""]
+        elif tok.type == "hr":
+            lines += ["* * *", ""]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def _inline_text(children: list[Any]) -> str:
+    out: list[str] = []
+    href_stack: list[tuple[str, int]] = []
+    for child in children:
+        if child.type in ("text", "code_inline"):
+            out.append(child.content)
+        elif child.type == "softbreak":
+            out.append(" ")
+        elif child.type == "hardbreak":
+            out.append("\n")
+        elif child.type == "link_open":
+            href_stack.append((str(child.attrGet("href") or ""), len(out)))
+        elif child.type == "link_close" and href_stack:
+            href, start = href_stack.pop()
+            label = "".join(out[start:])
+            if href and href != label and href.removeprefix("mailto:") != label:
+                out.append(f": {href}")
+        elif child.type == "image":
+            out.append(f"[{child.content}]")
+    return "".join(out)
+
+
+def html_to_text_fallback(html: str) -> str:
+    return re.sub(r"<[^>]+>", "", html).strip()
+
+
+# --- attachments ----------------------------------------------------------------------------
+
+
+def _attachments(campaign: Campaign, settings: Settings) -> Iterator[Attachment]:
+    import mimetypes
+
+    for path in attachment_paths(campaign):
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        yield Attachment(filename=path.name, content_type=ctype, data=path.read_bytes())
+    seen: set[int] = set()
+    for lang in campaign.languages[:1]:
+        for i, block in enumerate(campaign.content[lang].blocks):
+            if block.kind == "event" and block.value.calendar and i not in seen:
+                seen.add(i)
+                loc = ("content", lang, "blocks", i)
+                start, end = _event_times(campaign, settings, block.value, loc)
+                data = ics(campaign, settings, block.value, index=i, start=start, end=end)
+                yield Attachment(filename=ics_name(block.value, i),
+                                 content_type="text/calendar; method=PUBLISH", data=data)
+
+
+def ics(
+    campaign: Campaign, settings: Settings, event: Event, *, index: int, start: datetime,
+    end: datetime | None,
+) -> bytes:
+    """An RFC 5545 VEVENT; times in UTC so no VTIMEZONE is needed."""
+    def utc(dt: datetime) -> str:
+        return dt.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+    location = ", ".join(x for x in (event.place, event.address) if x)
+    lines = [
+        "BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//IMAG Dortmund//imag-mailer//DE",
+        "CALSCALE:GREGORIAN", "METHOD:PUBLISH", "BEGIN:VEVENT",
+        f"UID:{campaign.id}-{index}@{settings.msgid_domain}",
+        f"DTSTAMP:{utc(datetime.now(UTC))}",
+        f"DTSTART:{utc(start)}",
+    ]
+    if end is not None:
+        lines.append(f"DTEND:{utc(end)}")
+    lines += [f"SUMMARY:{_ics_escape(event.title)}", f"LOCATION:{_ics_escape(location)}"]
+    if event.description:
+        lines.append(f"DESCRIPTION:{_ics_escape(event.description)}")
+    lines += ["END:VEVENT", "END:VCALENDAR"]
+    return ("\r\n".join(_ics_fold(line) for line in lines) + "\r\n").encode("utf-8")
+
+
+def _ics_escape(value: str) -> str:
+    value = SNIPPET_RE.sub("", value)
+    return (value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+            .replace("\r\n", "\\n").replace("\n", "\\n"))
+
+
+def _ics_fold(line: str) -> str:
+    """RFC 5545 §3.1: lines longer than 75 octets are folded with CRLF + space."""
+    data = line.encode("utf-8")
+    if len(data) <= 75:
+        return line
+    parts, current = [], b""
+    for ch in line:
+        enc = ch.encode("utf-8")
+        if len(current) + len(enc) > (75 if not parts else 74):
+            parts.append(current.decode("utf-8"))
+            current = b""
+        current += enc
+    parts.append(current.decode("utf-8"))
+    return "\r\n ".join(parts)
+
+
+# --- per recipient --------------------------------------------------------------------------
+
+
+def personalise(lr: LangRendition, recipient: Recipient, links: Links) -> Personalised:
+    values = {"recipient": recipient.merge(), "links": {
+        "unsubscribe": links.unsubscribe, "preferences": links.preferences,
+        "view_online": links.view_online}}
+    subject = lr.static_subject if lr.static_subject is not None else lr.subject.render(values)
+    return Personalised(
+        lang=lr.lang,
+        subject=" ".join(subject.split()),
+        html=lr.html.render(values),
+        text=lr.text.render(values),
+    )
+
+
+def check_merge_fields(rendition: Rendition, sample: Recipient) -> None:
+    """Render every language once for a sample recipient; name the field of a bad merge field."""
+    links = Links("https://x.example.org/u", "https://x.example.org/p", "https://x.example.org/v")
+    campaign = rendition.campaign
+    for lang in rendition.languages.values():
+        try:
+            personalise(lang, sample, links)
+        except jinja2.UndefinedError as exc:
+            missing = re.findall(r"'([^']+)'$", exc.message or "")
+            loc = _field_using(campaign, lang.lang, missing[0] if missing else "")
+            raise campaign.error(
+                f"merge field problem: {exc.message}; the lists of this campaign have the "
+                f"columns {', '.join(sorted(sample.merge())) or 'email, name, language'}",
+                *loc,
+            ) from None
+        except jinja2.TemplateError as exc:
+            raise CampaignError(f"merge field problem in language '{lang.lang}': {exc}",
+                                path=campaign.source) from None
+
+
+def _field_using(campaign: Campaign, lang: str, name: str) -> tuple[str | int, ...]:
+    content = campaign.content[lang]
+    if name and name in content.subject:
+        return ("content", lang, "subject")
+    if name and name in content.preheader:
+        return ("content", lang, "preheader")
+    for i, block in enumerate(content.blocks):
+        if name and name in block.model_dump_json():
+            return ("content", lang, "blocks", i, block.kind)
+    return ("content", lang)

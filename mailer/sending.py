@@ -1,0 +1,181 @@
+"""What `mailer send` does, as functions the CLI and the scheduler share."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+from .audience import Recipient, email_key, normalise_address, resolve
+from .checks import Checked, sample_recipient
+from .compose import Composer, message_id
+from .config import Settings
+from .dispatch import RunResult, deliver_run, open_transport, start_run
+from .errors import UserError
+from .store import RunStatus, Store
+from .store import queries as q
+from .tokens import Tokens
+from .transport import Outcome, Outgoing
+
+ONCE = "once"
+
+
+def occurrence_for(checked: Checked, *, again: bool, now: datetime) -> str:
+    """A one-off campaign has one occurrence; a manual send of a cron campaign makes its own."""
+    schedule = checked.campaign.schedule
+    stamp = now.strftime("%Y%m%dT%H%M%S")
+    if again:
+        return f"again-{stamp}"
+    if schedule is not None and schedule.cron is not None:
+        return f"manual-{stamp}"
+    return ONCE
+
+
+def audience(checked: Checked, settings: Settings, store: Store) -> list[Recipient]:
+    with store.engine.connect() as conn:
+        suppressed = q.suppressed_keys(conn)
+
+    def is_suppressed(key: str, list_name: str) -> bool:
+        lists = suppressed.get(key)
+        return bool(lists) and ("*" in lists or list_name in lists)
+
+    campaign = checked.campaign
+    return resolve(campaign.audience.lists, settings, is_suppressed=is_suppressed,
+                   languages=campaign.audience.languages)
+
+
+@dataclass
+class Plan:
+    run: q.Run | None
+    message: str
+
+
+def plan_run(checked: Checked, settings: Settings, store: Store, *, again: bool,
+             retry_failed: bool, trigger: str = "send") -> Plan:
+    """Find the run to resume, or start the right occurrence; None when nothing is to do."""
+    campaign = checked.campaign
+    with store.engine.begin() as conn:
+        existing = q.runs_of(conn, campaign.id)
+        if retry_failed:
+            if not existing:
+                raise UserError(f"campaign '{campaign.id}' has no run yet: send it first")
+            last = existing[-1]
+            n = q.retry_failed(conn, last.id)
+            q.set_run_status(conn, last.id, RunStatus.RUNNING)
+            return Plan(q.get_run(conn, last.id), f"run {last.id}: {n} failed rows get another try")
+    unfinished = [r for r in existing if r.status == RunStatus.RUNNING]
+    if unfinished and not again:
+        run = unfinished[-1]
+        return Plan(run, f"resuming run {run.id} ({run.occurrence}) of {campaign.id}")
+    occurrence = occurrence_for(checked, again=again, now=datetime.now(settings.tz))
+    done = next((r for r in existing if r.occurrence == occurrence), None)
+    if done is not None:
+        when = (done.finished_at or done.created_at).astimezone(settings.tz)
+        return Plan(None, f"'{campaign.id}' already went out on {when:%Y-%m-%d %H:%M} to "
+                          f"{done.total} recipients (run {done.id}); use --again to send it anew")
+    recipients = audience(checked, settings, store)
+    run, created = start_run(store, campaign_id=campaign.id, occurrence=occurrence,
+                             trigger=trigger, recipients=recipients)
+    verb = "started" if created else "resuming"
+    return Plan(run, f"{verb} run {run.id} of {campaign.id}: {run.total} recipients")
+
+
+class LineProgress:
+    """Plain progress lines when stdout is not a terminal; a rich bar when it is."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._last = 0.0
+        self._start = time.monotonic()
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
+                                 transient=False)
+            self._task = self._bar.add_task(label, total=None, rate="", note="")
+            self._bar.start()
+
+    def update(self, *, done: int, total: int, note: str = "") -> None:
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        rate = f"{done / elapsed:,.0f}/s" if done else ""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total, rate=rate, note=note)
+            return
+        now = time.monotonic()
+        if now - self._last >= 2.0 or done == total or note:
+            self._last = now
+            print(f"{self.label}: {done}/{total} {rate} {note}".rstrip(), file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@contextmanager
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[None]:
+    """First Ctrl-C/SIGTERM: stop claiming, finish in-flight, leave the run resumable."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def send_run(settings: Settings, store: Store, checked: Checked, run: q.Run, *,
+                   limit: int | None) -> RunResult:
+    stop = asyncio.Event()
+    progress = LineProgress(checked.campaign.id)
+    try:
+        with stop_on_signals(asyncio.get_running_loop(), stop):
+            return await deliver_run(settings, store, checked.rendition, run, stop=stop,
+                                     progress=progress, limit=limit)
+    finally:
+        progress.close()
+
+
+def dry_run(checked: Checked, settings: Settings, store: Store) -> tuple[int, int]:
+    """Everything but the SMTP dialogue; writes nothing. Returns (messages, bytes)."""
+    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()))
+    count = size = 0
+    for recipient in audience(checked, settings, store):
+        size += len(composer.compose(recipient, message_id=message_id(
+            domain=settings.msgid_domain)).data)
+        count += 1
+    return count, size
+
+
+async def test_send(checked: Checked, settings: Settings, addresses: list[str]
+                    ) -> list[tuple[str, str]]:
+    """Send to these addresses only, subject prefixed [TEST]; not recorded as a run."""
+    sample = sample_recipient(checked.campaign, settings)
+    known = {r.key: r for r in checked.recipients}
+    targets = []
+    for raw in addresses:
+        try:
+            address = normalise_address(raw)
+        except ValueError as exc:
+            raise UserError(f"--to '{raw}' is not a valid address ({exc})") from None
+        targets.append(known.get(email_key(address)) or Recipient(
+            email=address, name=sample.name, language=checked.campaign.default_language,
+            fields=sample.fields, list=checked.campaign.audience.lists[0]))
+    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()), test=True)
+    out = []
+    async with open_transport(settings) as transport:
+        for i, r in enumerate(targets):
+            data = composer.compose(r, message_id=message_id(domain=settings.msgid_domain)).data
+            result = await transport.send(Outgoing(key=i, sender=settings.sender.address,
+                                                   recipient=r.email, data=data))
+            status = "sent" if result.outcome == Outcome.SENT else f"{result.outcome}"
+            out.append((r.email, f"{status} ({result.code} {result.text})".strip()))
+    return out

@@ -1,0 +1,361 @@
+"""Every query of the ledger and the suppression list, each a named function."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .tables import DeliveryStatus, RunStatus, deliveries, runs, suppressions
+
+INSERT_CHUNK = 2000
+GLOBAL = "*"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _insert(conn: Connection, table: Any) -> Any:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    id: int
+    campaign_id: str
+    occurrence: str
+    status: str
+    trigger: str
+    scheduled_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    late_s: float | None
+    total: int
+    in_flight_recovered: int
+    note: str | None
+
+
+def _run(row: Any) -> Run:
+    data = dict(row._mapping)
+    for key in ("scheduled_at", "created_at", "started_at", "finished_at"):
+        data[key] = as_utc(data[key])
+    return Run(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    id: int
+    email: str
+    email_key: str
+    name: str
+    language: str
+    list_name: str
+    fields: dict[str, str]
+    attempts: int
+    message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The new state of one ledger row after an SMTP transaction."""
+
+    id: int
+    status: DeliveryStatus
+    smtp_code: int | None
+    smtp_text: str
+    next_attempt_at: datetime | None = None
+    sent_at: datetime | None = None
+    message_id: str | None = None
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+def find_run(conn: Connection, campaign_id: str, occurrence: str) -> Run | None:
+    row = conn.execute(
+        select(runs).where(runs.c.campaign_id == campaign_id, runs.c.occurrence == occurrence)
+    ).first()
+    return _run(row) if row else None
+
+
+def get_run(conn: Connection, run_id: int) -> Run:
+    return _run(conn.execute(select(runs).where(runs.c.id == run_id)).one())
+
+
+def runs_of(conn: Connection, campaign_id: str) -> list[Run]:
+    rows = conn.execute(select(runs).where(runs.c.campaign_id == campaign_id).order_by(runs.c.id))
+    return [_run(r) for r in rows]
+
+
+def unfinished_runs(conn: Connection) -> list[Run]:
+    rows = conn.execute(select(runs).where(runs.c.status == RunStatus.RUNNING).order_by(runs.c.id))
+    return [_run(r) for r in rows]
+
+
+def insert_run(
+    conn: Connection,
+    *,
+    campaign_id: str,
+    occurrence: str,
+    trigger: str,
+    status: RunStatus = RunStatus.RUNNING,
+    scheduled_at: datetime | None = None,
+    late_s: float | None = None,
+    note: str | None = None,
+) -> tuple[Run, bool]:
+    """Create the run unless it exists; returns (run, created). Safe under races."""
+    now = utcnow()
+    stmt = _insert(conn, runs).values(
+        campaign_id=campaign_id, occurrence=occurrence, status=status, trigger=trigger,
+        scheduled_at=scheduled_at, created_at=now,
+        started_at=now if status == RunStatus.RUNNING else None,
+        late_s=late_s, total=0, in_flight_recovered=0, note=note,
+    ).on_conflict_do_nothing(index_elements=["campaign_id", "occurrence"])
+    created = conn.execute(stmt).rowcount == 1
+    run = find_run(conn, campaign_id, occurrence)
+    assert run is not None  # inserted or already there, in this transaction
+    return run, created
+
+
+def snapshot(conn: Connection, run_id: int, rows: Iterable[dict[str, Any]]) -> int:
+    """Insert one pending ledger row per recipient; rows already there are left alone."""
+    stmt = _insert(conn, deliveries).on_conflict_do_nothing(
+        index_elements=["run_id", "email_key"])
+    total = 0
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append({**row, "run_id": run_id, "status": DeliveryStatus.PENDING, "attempts": 0})
+        if len(chunk) >= INSERT_CHUNK:
+            conn.execute(stmt, chunk)
+            total += len(chunk)
+            chunk = []
+    if chunk:
+        conn.execute(stmt, chunk)
+        total += len(chunk)
+    count = conn.execute(
+        select(func.count()).select_from(deliveries).where(deliveries.c.run_id == run_id)
+    ).scalar_one()
+    conn.execute(update(runs).where(runs.c.id == run_id).values(total=count))
+    return total
+
+
+def set_run_status(conn: Connection, run_id: int, status: RunStatus) -> None:
+    values: dict[str, Any] = {"status": status}
+    if status == RunStatus.FINISHED:
+        values["finished_at"] = utcnow()
+    if status == RunStatus.RUNNING:
+        values["finished_at"] = None
+    conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+
+def add_recovered(conn: Connection, run_id: int, count: int) -> None:
+    conn.execute(update(runs).where(runs.c.id == run_id)
+                 .values(in_flight_recovered=runs.c.in_flight_recovered + count))
+
+
+# --- the ledger -----------------------------------------------------------------------------
+
+
+def claim(conn: Connection, run_id: int, *, worker: str, limit: int, now: datetime
+          ) -> list[Claimed]:
+    """Move up to `limit` due pending rows to sending, oldest first.
+
+    On PostgreSQL several processes claim side by side: SKIP LOCKED hands each its own rows.
+    SQLite serialises writers, so the plain sub-select is already exclusive.
+    """
+    d = deliveries
+    due = (
+        select(d.c.id)
+        .where(d.c.run_id == run_id, d.c.status == DeliveryStatus.PENDING,
+               or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now))
+        .order_by(d.c.id)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    stmt = (
+        update(d)
+        .where(d.c.id.in_(due.scalar_subquery()))
+        .values(status=DeliveryStatus.SENDING, claimed_by=worker, claimed_at=now,
+                attempts=d.c.attempts + 1, updated_at=now)
+        .returning(d.c.id, d.c.email, d.c.email_key, d.c.name, d.c.language, d.c.list_name,
+                   d.c.fields, d.c.attempts, d.c.message_id)
+    )
+    rows = conn.execute(stmt).all()
+    return sorted((Claimed(*r) for r in rows), key=lambda c: c.id)
+
+
+def record(conn: Connection, outcomes: Sequence[Outcome]) -> None:
+    """Write the results of a batch of SMTP transactions in one statement."""
+    if not outcomes:
+        return
+    d = deliveries
+    stmt = (
+        update(d)
+        .where(d.c.id == bindparam("b_id"))
+        .values(status=bindparam("b_status"), smtp_code=bindparam("b_code"),
+                smtp_text=bindparam("b_text"), next_attempt_at=bindparam("b_next"),
+                sent_at=bindparam("b_sent"), message_id=bindparam("b_mid"),
+                updated_at=bindparam("b_now"), claimed_by=None)
+    )
+    now = utcnow()
+    conn.execute(stmt, [
+        {"b_id": o.id, "b_status": o.status, "b_code": o.smtp_code, "b_text": o.smtp_text[:500],
+         "b_next": o.next_attempt_at, "b_sent": o.sent_at, "b_mid": o.message_id, "b_now": now}
+        for o in outcomes
+    ])
+
+
+def release(conn: Connection, ids: Sequence[int]) -> None:
+    """Claimed rows that never reached the server go back to pending, attempt not counted."""
+    if not ids:
+        return
+    d = deliveries
+    conn.execute(
+        update(d).where(d.c.id.in_(list(ids)), d.c.status == DeliveryStatus.SENDING)
+        .values(status=DeliveryStatus.PENDING, attempts=d.c.attempts - 1, claimed_by=None)
+    )
+
+
+def stuck_sending(conn: Connection, run_id: int) -> list[tuple[int, str | None, datetime | None]]:
+    d = deliveries
+    rows = conn.execute(
+        select(d.c.id, d.c.claimed_by, d.c.claimed_at)
+        .where(d.c.run_id == run_id, d.c.status == DeliveryStatus.SENDING)
+    ).all()
+    return [(r[0], r[1], as_utc(r[2])) for r in rows]
+
+
+def requeue(conn: Connection, ids: Sequence[int]) -> int:
+    """Rows caught 'sending' by a dead worker are retried (they may have gone out: counted)."""
+    if not ids:
+        return 0
+    d = deliveries
+    result = conn.execute(
+        update(d).where(d.c.id.in_(list(ids)), d.c.status == DeliveryStatus.SENDING)
+        .values(status=DeliveryStatus.PENDING, claimed_by=None, next_attempt_at=None)
+    )
+    return int(result.rowcount)
+
+
+def next_attempt(conn: Connection, run_id: int) -> datetime | None:
+    d = deliveries
+    value = conn.execute(
+        select(func.min(d.c.next_attempt_at))
+        .where(d.c.run_id == run_id, d.c.status == DeliveryStatus.PENDING)
+    ).scalar()
+    return as_utc(value)
+
+
+def status_counts(conn: Connection, run_id: int) -> dict[str, int]:
+    d = deliveries
+    rows = conn.execute(
+        select(d.c.status, func.count()).where(d.c.run_id == run_id).group_by(d.c.status)
+    ).all()
+    counts = {s.value: 0 for s in DeliveryStatus}
+    counts.update({str(status): int(n) for status, n in rows})
+    return counts
+
+
+def send_window(conn: Connection, run_id: int) -> tuple[datetime | None, datetime | None]:
+    d = deliveries
+    first, last = conn.execute(
+        select(func.min(d.c.sent_at), func.max(d.c.sent_at)).where(d.c.run_id == run_id)
+    ).one()
+    return as_utc(first), as_utc(last)
+
+
+def failures_by_code(conn: Connection, run_id: int) -> list[tuple[int | None, int, str]]:
+    d = deliveries
+    rows = conn.execute(
+        select(d.c.smtp_code, func.count(), func.min(d.c.smtp_text))
+        .where(d.c.run_id == run_id, d.c.status == DeliveryStatus.FAILED)
+        .group_by(d.c.smtp_code).order_by(func.count().desc())
+    ).all()
+    return [(r[0], int(r[1]), str(r[2] or "")) for r in rows]
+
+
+def failed_rows(conn: Connection, run_id: int, *, after_id: int = 0, limit: int = 1000
+                ) -> list[tuple[int, str, int | None, str]]:
+    d = deliveries
+    rows = conn.execute(
+        select(d.c.id, d.c.email, d.c.smtp_code, d.c.smtp_text)
+        .where(d.c.run_id == run_id, d.c.status == DeliveryStatus.FAILED, d.c.id > after_id)
+        .order_by(d.c.id).limit(limit)
+    ).all()
+    return [(r[0], r[1], r[2], r[3] or "") for r in rows]
+
+
+def retry_failed(conn: Connection, run_id: int) -> int:
+    """Failed rows get another full set of attempts, except addresses now suppressed."""
+    d, s = deliveries, suppressions
+    suppressed = select(s.c.id).where(
+        s.c.email_key == d.c.email_key, or_(s.c.list_name == GLOBAL, s.c.list_name == d.c.list_name)
+    ).exists()
+    result = conn.execute(
+        update(d).where(d.c.run_id == run_id, d.c.status == DeliveryStatus.FAILED, ~suppressed)
+        .values(status=DeliveryStatus.PENDING, attempts=0, next_attempt_at=None)
+    )
+    return int(result.rowcount)
+
+
+# --- suppressions ---------------------------------------------------------------------------
+
+
+def suppress(
+    conn: Connection, email_key: str, *, reason: str, source: str = "", detail: str = "",
+    list_name: str = GLOBAL,
+) -> bool:
+    stmt = _insert(conn, suppressions).values(
+        email_key=email_key, list_name=list_name, reason=reason, source=source[:120],
+        detail=detail[:500], created_at=utcnow(),
+    ).on_conflict_do_nothing(index_elements=["email_key", "list_name"])
+    return conn.execute(stmt).rowcount == 1
+
+
+def unsuppress(conn: Connection, email_key: str, *, list_name: str | None = None) -> int:
+    s = suppressions
+    cond = s.c.email_key == email_key
+    if list_name is not None:
+        cond = and_(cond, s.c.list_name == list_name)
+    return int(conn.execute(s.delete().where(cond)).rowcount)
+
+
+def suppressed_keys(conn: Connection) -> dict[str, set[str]]:
+    """email_key → the lists it is suppressed on ("*" = all)."""
+    out: dict[str, set[str]] = {}
+    for key, list_name in conn.execute(select(suppressions.c.email_key, suppressions.c.list_name)):
+        out.setdefault(key, set()).add(list_name)
+    return out
+
+
+def suppressed_among(conn: Connection, pairs: Sequence[tuple[str, str]]) -> set[str]:
+    """Which of these (email_key, list) pairs are suppressed now."""
+    if not pairs:
+        return set()
+    keys = {k for k, _ in pairs}
+    rows = conn.execute(
+        select(suppressions.c.email_key, suppressions.c.list_name)
+        .where(suppressions.c.email_key.in_(keys))
+    ).all()
+    hits = {(k, name) for k, name in rows}
+    return {k for k, name in pairs if (k, GLOBAL) in hits or (k, name) in hits}
+
+
+def list_suppressions(conn: Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(select(suppressions).order_by(suppressions.c.created_at))
+    return [dict(r._mapping) for r in rows]

@@ -1,0 +1,97 @@
+"""The store's tables (SQLAlchemy Core). Changes go through an Alembic migration."""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class RunStatus(enum.StrEnum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    MISSED = "missed"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("campaign_id", String(80), nullable=False),
+    Column("occurrence", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("trigger", String(16), nullable=False),  # send | scheduler
+    Column("scheduled_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("late_s", Float),
+    Column("total", Integer, nullable=False, default=0),
+    Column("in_flight_recovered", Integer, nullable=False, default=0),
+    Column("note", Text),
+    UniqueConstraint("campaign_id", "occurrence", name="uq_runs_occurrence"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("run_id", Id, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("email", String(320), nullable=False),
+    Column("email_key", String(320), nullable=False),
+    Column("name", String(200), nullable=False, default=""),
+    Column("language", String(16), nullable=False, default=""),
+    Column("list_name", String(80), nullable=False, default=""),
+    Column("fields", JSON, nullable=False, default=dict),
+    Column("status", String(10), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("claimed_by", String(120)),
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("smtp_code", Integer),
+    Column("smtp_text", String(500)),
+    Column("message_id", String(200)),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True)),
+    UniqueConstraint("run_id", "email_key", name="uq_deliveries_recipient"),
+    Index("ix_deliveries_claim", "run_id", "status", "next_attempt_at", "id"),
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("email_key", String(320), nullable=False),  # address, or "sha256:…" once erased
+    Column("list_name", String(80), nullable=False, default="*"),  # "*" = every list
+    Column("reason", String(32), nullable=False),
+    Column("source", String(120), nullable=False, default=""),
+    Column("detail", String(500), nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("email_key", "list_name", name="uq_suppressions_key"),
+)
