@@ -37,15 +37,24 @@ def occurrence_for(checked: Checked, *, again: bool, now: datetime) -> str:
 
 
 def audience(checked: Checked, settings: Settings, store: Store) -> list[Recipient]:
+    """File lists from lists/, managed lists from the store (confirmed members only)."""
+    from . import subscribers
+
+    campaign = checked.campaign
     with store.engine.connect() as conn:
         suppressed = q.suppressed_keys(conn)
+        managed = {name: subscribers.members(conn, name) for name in campaign.audience.lists
+                   if subscribers.is_managed(settings, name)}
+    erased = any(key.startswith(subscribers.HASH_PREFIX) for key in suppressed)
 
     def is_suppressed(key: str, list_name: str) -> bool:
         lists = suppressed.get(key)
+        if erased and not lists:  # an erased address survives only as its hash
+            lists = suppressed.get(subscribers.hashed_key(key))
         return bool(lists) and ("*" in lists or list_name in lists)
 
-    campaign = checked.campaign
     return resolve(campaign.audience.lists, settings, is_suppressed=is_suppressed,
+                   managed=lambda name: managed.get(name, []),
                    languages=campaign.audience.languages)
 
 

@@ -124,8 +124,8 @@ def insert_run(
         scheduled_at=scheduled_at, created_at=now,
         started_at=now if status == RunStatus.RUNNING else None,
         late_s=late_s, total=0, in_flight_recovered=0, note=note,
-    ).on_conflict_do_nothing(index_elements=["campaign_id", "occurrence"])
-    created = conn.execute(stmt).rowcount == 1
+    ).on_conflict_do_nothing(index_elements=["campaign_id", "occurrence"]).returning(runs.c.id)
+    created = conn.execute(stmt).first() is not None
     run = find_run(conn, campaign_id, occurrence)
     assert run is not None  # inserted or already there, in this transaction
     return run, created
@@ -323,8 +323,8 @@ def suppress(
     stmt = _insert(conn, suppressions).values(
         email_key=email_key, list_name=list_name, reason=reason, source=source[:120],
         detail=detail[:500], created_at=utcnow(),
-    ).on_conflict_do_nothing(index_elements=["email_key", "list_name"])
-    return conn.execute(stmt).rowcount == 1
+    ).on_conflict_do_nothing(index_elements=["email_key", "list_name"]).returning(suppressions.c.id)
+    return conn.execute(stmt).first() is not None
 
 
 def unsuppress(conn: Connection, email_key: str, *, list_name: str | None = None) -> int:
