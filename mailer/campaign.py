@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -371,8 +371,8 @@ def resolve_local(value: str, settings: Settings) -> datetime:
     tz = settings.tz
     early, late = naive.replace(tzinfo=tz, fold=0), naive.replace(tzinfo=tz, fold=1)
     if early.utcoffset() != late.utcoffset():
-        roundtrip = early.astimezone(tz).replace(tzinfo=None)
-        if roundtrip != naive:
+        roundtrips = {dt.astimezone(UTC).astimezone(tz).replace(tzinfo=None) for dt in (early, late)}
+        if roundtrips != {naive}:
             raise ValueError(
                 f"{value} does not exist in {settings.timezone} (the clocks jump forward "
                 "that night): pick a time outside the gap"

@@ -62,7 +62,21 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
     """imag-mailer: campaigns from YAML to subscribers' inboxes."""
+    setup_logging()
     ctx.obj = Ctx(config)
+
+
+def setup_logging() -> None:
+    """Structured lines on stderr. aiosmtpd logs every SMTP command (addresses included) at
+    INFO on 'mail.log': keep it at WARNING so no address reaches the log at info level."""
+    import logging
+    import os
+
+    level = os.environ.get("MAILER_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 @main.command()
@@ -124,9 +138,11 @@ def preview(ctx: Ctx, campaign: str, out: str, langs: tuple[str, ...], recipient
 
 
 def _register() -> None:
-    from . import cli_send
+    from . import cli_run, cli_send, cli_web
 
     cli_send.register(main)
+    cli_run.register(main)
+    cli_web.register(main)
 
 
 _register()

@@ -14,8 +14,8 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.header import Header
 from datetime import datetime
+from email.header import Header
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 
@@ -57,7 +57,11 @@ def address_header(name: str, display: str, address: str) -> bytes:
 
 def qp(text: str) -> bytes:
     """Quoted-printable (RFC 2045 §6.7) with CRLF line ends."""
-    return binascii.b2a_qp(text.encode("utf-8"), istext=True).replace(b"\n", CRLF)
+    # b2a_qp copies the input's first line ending to its soft breaks: feed it bare LF only.
+    data = text.encode("utf-8")
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return binascii.b2a_qp(data, istext=True).replace(b"\n", CRLF)
 
 
 def b64(data: bytes) -> bytes:
@@ -120,7 +124,7 @@ class Composer:
                 f"--{self._mixed}\r\n"
                 f"Content-Type: {att.content_type}; name={disposition}\r\n"
                 f"Content-Disposition: attachment; filename={disposition}\r\n"
-                "Content-Transfer-Encoding: base64\r\n\r\n".encode("utf-8") + b64(att.data)
+                "Content-Transfer-Encoding: base64\r\n\r\n".encode() + b64(att.data)
             )
         if not parts:
             return b""
@@ -139,7 +143,8 @@ class Composer:
         lr = self.rendition.for_language(recipient.language)
         links = self.links(recipient)
         body = personalise(lr, recipient, links)
-        data = self._headers(recipient, body, links, message_id) + self._body(body)
+        data = (self._headers(recipient, body, links, message_id)
+                + self._body(body, lr.html_mostly_ascii))
         if self._dkim is not None:
             data = self._dkim(data) + data
         return Composed(data=data, subject=body.subject, lang=lr.lang)
@@ -165,14 +170,19 @@ class Composer:
             ctype = f'Content-Type: multipart/alternative; boundary="{self._alt}"'
         return CRLF.join(lines) + CRLF + self._static + ctype.encode() + CRLF + CRLF
 
-    def _body(self, body: Personalised) -> bytes:
+    @staticmethod
+    def _encoded(text: str, mostly_ascii: bool) -> bytes:
+        """Quoted-printable for Latin scripts; base64 where it is smaller (Arabic, Cyrillic)."""
+        if mostly_ascii:
+            return b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + qp(text)
+        return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(text.encode("utf-8"))
+
+    def _body(self, body: Personalised, mostly_ascii: bool = True) -> bytes:
         alt = (
-            f"--{self._alt}\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n"
-            "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode() + qp(body.text)
-            + f"\r\n--{self._alt}\r\n"
-            "Content-Type: text/html; charset=utf-8\r\n"
-            "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode() + qp(body.html)
+            f"--{self._alt}\r\nContent-Type: text/plain; charset=utf-8\r\n".encode()
+            + self._encoded(body.text, mostly_ascii)
+            + f"\r\n--{self._alt}\r\nContent-Type: text/html; charset=utf-8\r\n".encode()
+            + self._encoded(body.html, mostly_ascii)
             + f"\r\n--{self._alt}--\r\n".encode()
         )
         if not self._mixed:

@@ -179,10 +179,12 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError("the config must be a mapping of keys to values", path=path, line=1)
     for key in ("secret_key",):
         if key in located.data:
-            raise ConfigError("secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
+            raise ConfigError(
+                "secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
                               path=path, line=located.line((key,)), field=key)
     if "password" in (located.data.get("smtp") or {}):
-        raise ConfigError("secrets belong in the environment: remove it and set MAILER_SMTP_PASSWORD",
+        raise ConfigError(
+            "secrets belong in the environment: remove it and set MAILER_SMTP_PASSWORD",
                           path=path, line=located.line(("smtp", "password")), field="smtp.password")
     data = _env_overrides(located.data, env)
     try:
@@ -195,7 +197,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
 
 def _rooted(settings: Settings, root: Path) -> Settings:
     """Relative directories in config.yaml are relative to the config file."""
-    updates = {}
+    updates: dict[str, object] = {}
     for name in ("campaigns_dir", "lists_dir", "templates_dir", "var_dir"):
         value: Path = getattr(settings, name)
         if not value.is_absolute():

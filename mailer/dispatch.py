@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -152,8 +153,9 @@ class Dispatcher:
             want = self.batch_size
             if self.limit is not None:
                 want = min(want, self.limit - self._started)
-            rows = await self._tx(lambda c, n=want: q.claim(c, run.id, worker=self.worker,
-                                                             limit=n, now=self.now()))
+            rows: list[q.Claimed] = await self._tx(
+                functools.partial(q.claim, run_id=run.id, worker=self.worker, limit=want,
+                                  now=self.now()))
             if rows:
                 done += await self._send_batch(rows)
                 self.progress.update(done=done, total=total)
@@ -188,10 +190,8 @@ class Dispatcher:
             local = due.astimezone(self.settings.tz).strftime("%H:%M:%S") if due else "now"
             self.progress.update(done=done, total=total,
                                  note=f"waiting for {counts['pending']} retries until {local}")
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), timeout=min(delay, 5.0) + 0.01)
-        except TimeoutError:
-            pass
         return not self.stop.is_set()
 
     async def _send_batch(self, rows: Sequence[q.Claimed]) -> int:

@@ -61,6 +61,7 @@ class LangRendition:
     html: jinja2.Template
     text: jinja2.Template
     static_subject: str | None  # the subject when it has no merge fields
+    html_mostly_ascii: bool = True  # decides quoted-printable vs base64 for the HTML part
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Snippets:
         return SNIPPET_RE.sub(swap, text)
 
     def link(self, name: str) -> str:
-        self.sources.append("{{ links.%s }}" % name)
+        self.sources.append(f"{{{{ links.{name} }}}}")
         self.locs.append(())
         return PLACEHOLDER.format(len(self.sources) - 1)
 
@@ -149,7 +150,8 @@ class Snippets:
 def _raw(literal: str) -> str:
     if not literal:
         return ""
-    return "{% raw %}" + literal.replace("{% endraw %}", "{% endraw %}{{ '{% endraw %}' }}{% raw %}") + "{% endraw %}"
+    escaped = literal.replace("{% endraw %}", "{% endraw %}{{ '{% endraw %}' }}{% raw %}")
+    return "{% raw %}" + escaped + "{% endraw %}"
 
 
 # --- stage 1 --------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ def _render_language(campaign: Campaign, settings: Settings, lang: str) -> LangR
         "campaign": {"id": campaign.id, "template": campaign.template},
         "sender": {"name": settings.sender.name, "address": settings.sender.address},
     }
-    mjml_source = _render_layout(campaign, settings, context)
+    mjml_source = _mrml_safe(_render_layout(campaign, settings, context))
     try:
         html = mjml2html(mjml_source, disable_comments=True)
     except ValueError as exc:
@@ -235,7 +237,29 @@ def _render_language(campaign: Campaign, settings: Settings, lang: str) -> LangR
         html=snippets.template(html, autoescape=True),
         text=snippets.template(text, autoescape=False),
         static_subject=None if "{" in subject_src else subject_src,
+        html_mostly_ascii=mostly_ascii(html),
     )
+
+
+def mostly_ascii(text: str) -> bool:
+    """Quoted-printable triples every non-ASCII byte, base64 costs 4/3 of everything: QP wins
+    while fewer than ~18 % of the UTF-8 bytes are non-ASCII (Latin scripts, not Arabic)."""
+    data = text.encode("utf-8")
+    return (len(data) - len(text.encode("ascii", "ignore"))) * 2 < 0.33 * len(data)
+
+
+def _mrml_safe(source: str) -> str:
+    """MRML (mjml-python 1.4) writes attribute values Rust-escaped: a backslash doubles and
+    combining marks (Arabic shadda), no-break spaces and format characters become `\\u{…}`.
+    Character references pass through unchanged, so write those characters as references."""
+    return _MRML_UNSAFE.sub(lambda m: f"&#x{ord(m.group(0)):x};", source)
+
+
+_MRML_UNSAFE = re.compile(
+    "[\\\\\u00a0\u00ad\u0300-\u036f\u0483-\u0489\u0591-\u05c7\u0610-\u061c"
+    "\u064b-\u065f\u0670\u06d6-\u06ed\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\ufe00-\ufe0f\ufeff]"
+)
 
 
 def _render_layout(campaign: Campaign, settings: Settings, context: dict[str, Any]) -> str:
@@ -286,7 +310,8 @@ def _block_context(
         return {"kind": kind, "index": index, "html": Markup(_markdown.render(source)),
                 "source": source}
     if kind == "image":
-        return {"kind": kind, "index": index, "src": p(value.src, "src"), "alt": p(value.alt, "alt"),
+        return {"kind": kind, "index": index, "src": p(value.src, "src"),
+                "alt": p(value.alt, "alt"),
                 "href": p(value.href, "href"), "width": value.width}
     if kind == "button":
         return {"kind": kind, "index": index, "label": p(value.label, "label"),
@@ -430,7 +455,8 @@ def markdown_to_text(source: str) -> str:
     pending_item = ""
     for tok in tokens:
         if tok.type in ("bullet_list_open", "ordered_list_open"):
-            counters.append(None if tok.type == "bullet_list_open" else int(tok.attrGet("start") or 1))
+            ordered = tok.type == "ordered_list_open"
+            counters.append(int(tok.attrGet("start") or 1) if ordered else None)
         elif tok.type in ("bullet_list_close", "ordered_list_close"):
             counters.pop()
             if not counters:
@@ -451,9 +477,9 @@ def markdown_to_text(source: str) -> str:
             first = lead + pending_item
             rest = lead + " " * len(pending_item)
             for i, para in enumerate(text.split("\n")):
-                lines.append(textwrap.fill(para, TEXT_WIDTH, initial_indent=first if i == 0 else rest,
-                                           subsequent_indent=rest, break_long_words=False,
-                                           break_on_hyphens=False))
+                lines.append(textwrap.fill(
+                    para, TEXT_WIDTH, initial_indent=first if i == 0 else rest,
+                    subsequent_indent=rest, break_long_words=False, break_on_hyphens=False))
             pending_item = ""
         elif tok.type in ("paragraph_close", "heading_close") and not counters:
             lines.append("")
@@ -547,7 +573,8 @@ def _ics_fold(line: str) -> str:
     data = line.encode("utf-8")
     if len(data) <= 75:
         return line
-    parts, current = [], b""
+    parts: list[str] = []
+    current = b""
     for ch in line:
         enc = ch.encode("utf-8")
         if len(current) + len(enc) > (75 if not parts else 74):

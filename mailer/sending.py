@@ -51,7 +51,7 @@ def audience(checked: Checked, settings: Settings, store: Store) -> list[Recipie
         lists = suppressed.get(key)
         if erased and not lists:  # an erased address survives only as its hash
             lists = suppressed.get(subscribers.hashed_key(key))
-        return bool(lists) and ("*" in lists or list_name in lists)
+        return lists is not None and ("*" in lists or list_name in lists)
 
     return resolve(campaign.audience.lists, settings, is_suppressed=is_suppressed,
                    managed=lambda name: managed.get(name, []),
@@ -103,8 +103,13 @@ class LineProgress:
         self._start = time.monotonic()
         self._bar = None
         if sys.stderr.isatty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                                  TimeRemainingColumn(), TextColumn("{task.fields[note]}"),

@@ -262,7 +262,7 @@ def set_preferences(conn: Connection, settings: Settings, *, email: str, languag
     now = _utc(now)
     key = email_key(email)
     sub = find_subscriber(conn, key)
-    if sub is None and (wanted & set(settings.web.subscribe_lists) or language):
+    if sub is None and wanted & set(settings.web.subscribe_lists):
         _ensure_subscriber(conn, email=email, name="", language=language, now=now)
         sub = find_subscriber(conn, key)
     if sub is not None and language and language != sub["language"]:
@@ -370,9 +370,9 @@ def import_members(conn: Connection, recipients: Iterable[Recipient], *, list_na
 def _import_refusal(conn: Connection, key: str, list_name: str, erased: set[str]) -> str:
     if hashed_key(key) in erased:
         return "erased at their request: only they can subscribe again"
-    if suppressed := list_suppressed(conn, key):
-        if q.GLOBAL in suppressed or list_name in suppressed:
-            return "suppressed (unsubscribed from everything or bounced)"
+    suppressed = list_suppressed(conn, key)
+    if q.GLOBAL in suppressed or list_name in suppressed:
+        return "suppressed (unsubscribed from everything or bounced)"
     sub = find_subscriber(conn, key)
     status = statuses(conn, int(sub["id"])).get(list_name) if sub else None
     if status == MemberStatus.UNSUBSCRIBED:

@@ -43,7 +43,9 @@ class Tokens:
     def confirm(self, email: str, lists: list[str], nonce: str) -> str:
         return str(self._confirm.dumps([email, lists, nonce]))
 
-    def read_confirm(self, token: str, *, max_age_s: int = CONFIRM_MAX_AGE_S) -> tuple[str, list[str], str]:
+    def read_confirm(
+        self, token: str, *, max_age_s: int = CONFIRM_MAX_AGE_S
+    ) -> tuple[str, list[str], str]:
         try:
             email, lists, nonce = self._confirm.loads(token, max_age=max_age_s)
         except SignatureExpired:

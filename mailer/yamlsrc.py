@@ -86,7 +86,8 @@ def _construct(
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                raise error("a key must be plain text", path=path, line=key_node.start_mark.line + 1)
+                raise error("a key must be plain text", path=path,
+                            line=key_node.start_mark.line + 1)
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise error("YAML merge keys (<<) are not supported", path=path,
                             line=key_node.start_mark.line + 1)

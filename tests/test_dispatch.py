@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

@@ -1,0 +1,1 @@
+"""imag-mailer: the newsletter and mailing pipeline of IMAG Dortmund."""

@@ -1,0 +1,100 @@
+"""CLI: run (the scheduler) and schedule (what it will do)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli import Ctx, pass_ctx, user_errors
+
+
+class UtcFormatter(logging.Formatter):
+    """`2026-12-01T08:00:00.123Z INFO event=fire campaign=… run=…` on stderr."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(UtcFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    # APScheduler's own INFO lines name jobs by repr; ours carry the same facts, structured.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("mailer.capture").setLevel(logging.WARNING)
+
+
+def config_path(ctx: Ctx) -> str:
+    """The absolute config path: what jobs in the store carry to find their settings."""
+    raw = ctx.config_path or os.environ.get("MAILER_CONFIG") or "config.yaml"
+    return str(Path(raw).resolve())
+
+
+@click.command("run")
+@click.option("--once", is_flag=True, help="fire what is due now (and unfinished runs), then exit")
+@pass_ctx
+@user_errors
+def run(ctx: Ctx, once: bool) -> None:
+    """The scheduler: fires every scheduled campaign on time, exactly once."""
+    from .scheduler import serve
+    from .sending import stop_on_signals
+
+    settings = ctx.settings
+    configure_logging()
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        with stop_on_signals(asyncio.get_running_loop(), stop):
+            return await serve(settings, config_path(ctx), once=once, stop=stop)
+
+    sys.exit(asyncio.run(main()))
+
+
+@click.command("schedule")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@user_errors
+def schedule(ctx: Ctx, as_json: bool) -> None:
+    """Every scheduled campaign: next fire time, last run, missed occurrences."""
+    from .scheduler import schedule_overview
+    from .store import open_store
+
+    settings = ctx.settings
+    rows = schedule_overview(settings, open_store(settings.database_url))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        click.echo(f"no scheduled campaigns in {settings.campaigns_dir}")
+    for row in rows:
+        click.echo(_line(row))
+
+
+def _line(row: dict[str, Any]) -> str:
+    if row.get("error"):
+        return f"{row['file']}: error: {row['error']}"
+    nxt = row["next_local"]
+    when = "no next fire"
+    if nxt:
+        when = f"next {nxt[:16].replace('T', ' ')} local ({row['next_utc'][:16]}Z)"
+    last = row["last_run"]
+    done = (f"last run {last['id']} {last['status']} ({last['occurrence']}, {last['total']} "
+            "recipients)" if last else "never run")
+    missed = f", {len(row['missed'])} missed" if row["missed"] else ""
+    return f"{row['campaign']}: {row['schedule']}; {when}; {done}{missed}"
+
+
+def register(main: click.Group) -> None:
+    for command in (run, schedule):
+        main.add_command(command)

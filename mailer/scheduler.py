@@ -1,0 +1,807 @@
+"""APScheduler wiring: triggers from campaigns, persistent job store, leader lock, the fire.
+
+`mailer run` keeps one APScheduler 3 `AsyncIOScheduler` in the event loop that also runs
+dispatch. Jobs live in a `SQLAlchemyJobStore` (table `scheduler_jobs`) in the ledger's database,
+one job per campaign id; the job function is `fire(campaign_id, config_path)`.
+
+Where we lean on APScheduler and where we do not (APScheduler 3.11 behaviour, checked in its
+source):
+
+* A job function is not told the fire time it stands for, but the fire time is our occurrence
+  key. `OccurrenceExecutor` therefore hands `run_times` to the job; jobs are added with
+  `coalesce=False, misfire_grace_time=None` so the executor sees every fire time that passed and
+  applies `scheduler.misfire_grace_s` itself: a fire beyond grace is *recorded* as a missed run in
+  the ledger (APScheduler would only log it), and several missed fires coalesce into one run whose
+  note names the others.
+* `AsyncIOExecutor.shutdown()` cancels running jobs; ours never cancels a send. `Runner` awaits
+  in-flight fires on SIGTERM (bounded), so a stop never cuts an SMTP transaction.
+* `CronTrigger.from_crontab` numbers weekdays from Monday (0 = Monday; apscheduler#286, kept for
+  compatibility in 3.x). Staff write crontab, where 0 and 7 are Sunday: `cron_trigger` translates
+  numeric weekdays into names.
+
+Daylight saving time in the configured zone (Europe/Berlin), for a cron with fixed hours:
+
+* spring forward (e.g. 2027-03-28, 02:00 → 03:00): a wall-clock time in the skipped hour fires
+  once, one hour later on the clock: "30 2 * * *" fires at 03:30 CEST (01:30 UTC). This is
+  APScheduler's reading of a non-existent local time (the offset before the jump).
+* fall back (e.g. 2026-10-25, 03:00 → 02:00): a wall-clock time in the repeated hour fires once,
+  at its first pass: "30 2 * * *" fires at 02:30 CEST (00:30 UTC), not again at 02:30 CET.
+  APScheduler alone fires it twice; `CampaignCronTrigger` skips the repeat.
+* crons whose hour field is `*` run by elapsed time and fire in both passes of the repeated hour
+  (an hourly job stays hourly), as Vixie cron does.
+
+Exactly one run per occurrence: a one-off (`at`) campaign has the occurrence "once" – the same one
+`mailer send` uses, so the two never both send it; a cron campaign has one occurrence per fire
+time, written as UTC ISO 8601 ("2026-12-01T08:00:00+00:00"). The ledger's unique key on (campaign,
+occurrence) makes a second fire find the run and at most resume it. A missed one-off is recorded
+under "once-missed", so `mailer send` can still send it.
+
+One scheduler per database: a PostgreSQL session advisory lock on a dedicated connection, or an
+exclusive `flock` on `<var>/scheduler.lock` for SQLite. The follower polls and takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
+from pathlib import Path
+from typing import Any, Protocol
+
+from apscheduler.executors.asyncio import AsyncIOExecutor
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
+from sqlalchemy import Connection, Engine, select, text
+
+from .campaign import Campaign, campaign_files, resolve_local
+from .checks import Checked, check_campaign
+from .config import Settings, load_settings
+from .errors import UserError
+from .store import RunStatus, Store, open_store
+from .store import queries as q
+from .store.tables import runs
+
+log = logging.getLogger("mailer.scheduler")
+
+JOB_TABLE = "scheduler_jobs"
+ONCE = "once"  # the occurrence of a one-off campaign; the same as sending.ONCE
+MISSED_ONCE = "once-missed"  # a one-off recorded as missed; leaves "once" free for `mailer send`
+TRIGGER = "scheduler"
+WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")  # crontab: 0 and 7 = Sunday
+LOCK_KEYS = (0x494D4147, 1)  # pg_try_advisory_lock(int, int): "IMAG", scheduler
+MAX_INSTANCES = 1000  # different occurrences of one campaign may overlap; each is its own run
+STOP_GRACE_S = 10.0  # on SIGTERM, in-flight transactions get smtp.timeout_s plus this
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def log_event(event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """One structured line: event=… campaign=… run=… and counts; never addresses."""
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            value = f"{value:.3f}"
+        value = str(value)
+        parts.append(f'{key}="{value}"' if (" " in value or not value) else f"{key}={value}")
+    log.log(level, " ".join(parts))
+
+
+# --- triggers ---------------------------------------------------------------------------------
+
+
+def crontab_weekdays(value: str) -> str:
+    """A crontab day-of-week field (0/7 = Sunday) in APScheduler's terms (names)."""
+    if not any(c.isdigit() for c in value):
+        return value
+    days: list[int] = []
+    for part in value.split(","):
+        span, _, step = part.partition("/")
+        if not (span.replace("-", "").isdigit() or span == "*"):
+            raise ValueError(f"mixing names and numbers in the weekday field ('{value}')")
+        if span == "*":
+            low, high = 0, 6
+        elif "-" in span:
+            low, high = (int(x) for x in span.split("-", 1))
+        else:
+            low = int(span)
+            high = 7 if step else low
+        if not 0 <= low <= high <= 7:
+            raise ValueError(f"weekday '{part}' is out of range (0-7, 0 and 7 are Sunday)")
+        days.extend(range(low, high + 1, int(step) if step else 1))
+    names = list(dict.fromkeys(WEEKDAYS[d] for d in days))
+    return "*" if len(names) == 7 else ",".join(names)
+
+
+def _repeated_wall_time(when: datetime, zone: tzinfo) -> bool:
+    """Is this the second pass of a wall-clock time the fall-back night repeats?"""
+    local = when.astimezone(zone)
+    naive = local.replace(tzinfo=None)
+    first = naive.replace(tzinfo=zone, fold=0)
+    return first.utcoffset() != local.utcoffset() and first.astimezone(UTC) < local.astimezone(UTC)
+
+
+class CampaignCronTrigger(CronTrigger):
+    """Crontab with crontab's weekdays and one fire per wall-clock time (see the module doc)."""
+
+    __slots__ = ("expr", "fixed_hours")
+
+    def __init__(self, expr: str, *, timezone: tzinfo, start_date: datetime | None = None) -> None:
+        values = expr.split()
+        if len(values) != 5:
+            raise ValueError(f"wrong number of fields; got {len(values)}, expected 5")
+        minute, hour, day, month, weekday = values
+        super().__init__(minute=minute, hour=hour, day=day, month=month,
+                         day_of_week=crontab_weekdays(weekday), timezone=timezone,
+                         start_date=start_date)
+        self.expr = expr
+        self.fixed_hours = hour not in ("*", "*/1")
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime
+                           ) -> datetime | None:
+        nxt = super().get_next_fire_time(previous_fire_time, now)
+        for _ in range(8):  # a repeated hour holds at most 60 fire times of a fixed-hour cron
+            if nxt is None or not self.fixed_hours or not _repeated_wall_time(nxt, self.timezone):
+                return nxt
+            nxt = super().get_next_fire_time(nxt, max(now, nxt, key=lambda d: d.astimezone(UTC)))
+        return nxt
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        state.update(expr=self.expr, fixed_hours=self.fixed_hours)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.expr = state.get("expr", "")
+        self.fixed_hours = state.get("fixed_hours", True)
+
+
+def cron_trigger(expr: str, zone: tzinfo, *, start_date: datetime | None = None
+                 ) -> CampaignCronTrigger:
+    return CampaignCronTrigger(expr, timezone=zone, start_date=start_date)
+
+
+def trigger_for(campaign: Campaign, settings: Settings) -> BaseTrigger:
+    schedule = campaign.schedule
+    if schedule is None:
+        raise ValueError(f"campaign '{campaign.id}' has no schedule")
+    if schedule.cron is not None:
+        return cron_trigger(schedule.cron, settings.tz)
+    assert schedule.at is not None  # the model requires exactly one of at / cron
+    return DateTrigger(run_date=resolve_local(schedule.at, settings), timezone=settings.tz)
+
+
+def fingerprint(campaign: Campaign, settings: Settings, path: Path) -> str:
+    """What a job stands for; the job is rescheduled only when this changes."""
+    schedule = campaign.schedule
+    assert schedule is not None
+    what = f"cron {schedule.cron}" if schedule.cron is not None else f"at {schedule.at}"
+    return f"{path.name}|{what}|{settings.timezone}"
+
+
+def next_fire(campaign: Campaign, settings: Settings, now: datetime) -> datetime | None:
+    """The next time this campaign's schedule fires after `now` (for `mailer schedule`)."""
+    trigger = trigger_for(campaign, settings)
+    when = trigger.get_next_fire_time(None, now.astimezone(settings.tz))
+    if when is not None and when.astimezone(UTC) < now.astimezone(UTC):
+        return None  # a DateTrigger in the past
+    return when
+
+
+def is_fire_time(campaign: Campaign, settings: Settings, when: datetime) -> bool:
+    """Does the campaign's current schedule (still) fire at `when`? Catches edits not yet synced."""
+    if campaign.schedule is None:
+        return False
+    trigger = trigger_for(campaign, settings)
+    probe = when.astimezone(settings.tz) - timedelta(microseconds=1)
+    if isinstance(trigger, DateTrigger):
+        return trigger.run_date.astimezone(UTC) == when.astimezone(UTC)
+    nxt = trigger.get_next_fire_time(None, probe)
+    return nxt is not None and nxt.astimezone(UTC) == when.astimezone(UTC)
+
+
+def occurrence_of(campaign: Campaign, fire_time: datetime) -> str:
+    schedule = campaign.schedule
+    if schedule is not None and schedule.cron is not None:
+        return fire_time.astimezone(UTC).isoformat()
+    return ONCE
+
+
+# --- deciding what a fire does ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    occurrence: str
+    scheduled_at: datetime
+    late_s: float
+    send: bool
+    note: str | None = None
+
+
+def decide(campaign: Campaign, run_times: Sequence[datetime], *, now: datetime, grace_s: float,
+           zone: tzinfo) -> Decision:
+    """The latest fire time stands for all; within grace it is sent late, beyond it missed."""
+    ordered = sorted(run_times, key=lambda d: d.astimezone(UTC))
+    scheduled = ordered[-1].astimezone(UTC)
+    late_s = max(0.0, (now - scheduled).total_seconds())
+    occurrence = occurrence_of(campaign, scheduled)
+    coalesced = ""
+    if len(ordered) > 1:
+        first = ordered[0].astimezone(zone)
+        coalesced = (f"{len(ordered) - 1} earlier occurrences since {first:%Y-%m-%d %H:%M %Z} "
+                     "were coalesced into this one")
+    if late_s <= grace_s:
+        return Decision(occurrence, scheduled, late_s, True, coalesced or None)
+    local = scheduled.astimezone(zone)
+    note = (f"missed: the scheduler was not running at {local:%Y-%m-%d %H:%M %Z} "
+            f"({timedelta(seconds=round(late_s))} late, beyond misfire_grace_s={grace_s:g}); "
+            f"not sent - send it with: mailer send {campaign.id}")
+    if coalesced:
+        note = f"{note}; {coalesced}"
+    return Decision(MISSED_ONCE if occurrence == ONCE else occurrence, scheduled, late_s, False,
+                    note)
+
+
+# --- leader election --------------------------------------------------------------------------
+
+
+class Leadership(Protocol):
+    def try_acquire(self) -> bool: ...
+    def held(self) -> bool: ...
+    def release(self) -> None: ...
+
+
+class FileLeader:
+    """SQLite: an exclusive flock; the kernel drops it when the process dies, even on kill -9."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class PostgresLeader:
+    """PostgreSQL: a session advisory lock on a connection held for as long as we lead.
+
+    The server releases it when that session ends, so a killed leader frees it at once.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+
+    def try_acquire(self) -> bool:
+        if self._conn is not None:
+            return self.held()
+        conn = self.engine.connect()
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"),
+                                {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]}).scalar())
+        conn.commit()  # the lock is session-level; do not sit idle in a transaction
+        if not got:
+            conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    def held(self) -> bool:
+        if self._conn is None:
+            return False
+        try:
+            count = self._conn.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND pid = pg_backend_pid() AND classid = :a AND objid = :b AND objsubid = 2"),
+                {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]}).scalar()
+            self._conn.commit()
+        except Exception as exc:  # the session is gone, and the lock with it
+            log_event("leader-check-failed", level=logging.WARNING, error=type(exc).__name__)
+            self._drop()
+            return False
+        if not count:
+            self._drop()
+        return bool(count)
+
+    def release(self) -> None:
+        if self._conn is None:
+            return
+        with contextlib.suppress(Exception):
+            self._conn.execute(text("SELECT pg_advisory_unlock(:a, :b)"),
+                               {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]})
+            self._conn.commit()
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+
+def leader_for(store: Store, settings: Settings) -> Leadership:
+    if store.is_postgres:
+        return PostgresLeader(store.engine)
+    return FileLeader(settings.var_dir / "scheduler.lock")
+
+
+# --- named queries (scheduler only) -----------------------------------------------------------
+
+
+def last_run(conn: Connection, campaign_id: str) -> q.Run | None:
+    row = conn.execute(select(runs).where(runs.c.campaign_id == campaign_id)
+                       .order_by(runs.c.id.desc()).limit(1)).first()
+    return q._run(row) if row else None
+
+
+def missed_runs(conn: Connection, campaign_id: str, *, limit: int = 20) -> list[q.Run]:
+    rows = conn.execute(select(runs).where(runs.c.campaign_id == campaign_id,
+                                           runs.c.status == RunStatus.MISSED)
+                        .order_by(runs.c.id.desc()).limit(limit))
+    return [q._run(r) for r in rows]
+
+
+def one_off_done(conn: Connection, campaign_id: str) -> q.Run | None:
+    """The run that settled a one-off campaign: sent (or being sent), or recorded missed."""
+    return q.find_run(conn, campaign_id, ONCE) or q.find_run(conn, campaign_id, MISSED_ONCE)
+
+
+# --- the executor and the job function --------------------------------------------------------
+
+
+class OccurrenceExecutor(AsyncIOExecutor):
+    """Runs `fire` with the fire times it stands for, as a task the runner owns."""
+
+    def __init__(self, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]) -> None:
+        super().__init__()
+        self._spawn = spawn
+
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        task = self._spawn(job.func(*job.args, run_times=list(run_times), **job.kwargs))
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or t.exception() is None:
+                self._run_job_success(job.id, [])
+            else:
+                exc = t.exception()
+                self._run_job_error(job.id, exc, exc.__traceback__ if exc else None)
+
+        task.add_done_callback(done)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Never cancel a send: the runner awaits in-flight fires before it shuts us down."""
+
+
+_runners: dict[str, Runner] = {}
+
+
+async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[datetime] = ()) -> None:
+    """The job function: importable, with picklable arguments only (what the job store keeps)."""
+    runner = _runners.get(config_path) or (next(iter(_runners.values())) if _runners else None)
+    if runner is None:  # run outside `mailer run`: load everything from the config
+        settings = load_settings(config_path)
+        runner = Runner(settings=settings, store=open_store(settings.database_url),
+                        config_path=config_path)
+        runner.load_changes()
+    await runner.fire(campaign_id, run_times or [runner.now()])
+
+
+# --- the runner -------------------------------------------------------------------------------
+
+
+@dataclass
+class Known:
+    stamp: tuple[int, int]
+    campaign_id: str | None = None
+
+
+@dataclass
+class Runner:
+    """One `mailer run` process: keeps the job set in line with campaigns/ and fires runs."""
+
+    settings: Settings
+    store: Store
+    config_path: str
+    now: Clock = utcnow
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    good: dict[str, tuple[Path, Checked]] = field(default_factory=dict)
+    files: dict[Path, Known] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- campaign files --------------------------------------------------------------------
+
+    def scan(self) -> dict[Path, tuple[int, int]]:
+        out = {}
+        for path in campaign_files(self.settings):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                out[path] = (st.st_mtime_ns, st.st_size)
+        return out
+
+    def changed(self) -> bool:
+        stamps = self.scan()
+        return stamps != {p: k.stamp for p, k in self.files.items()}
+
+    def load_changes(self) -> bool:
+        """Reload changed files; a file that no longer validates keeps its last good version."""
+        with self._lock:  # the watcher and a fire may both get here, each in a worker thread
+            return self._load_changes()
+
+    def _load_changes(self) -> bool:
+        stamps = self.scan()
+        dirty = False
+        for path in [p for p in self.files if p not in stamps]:
+            known = self.files.pop(path)
+            dirty = True
+            if known.campaign_id and self.good.get(known.campaign_id, (None,))[0] == path:
+                del self.good[known.campaign_id]
+                log_event("campaign-removed", campaign=known.campaign_id, file=path.name)
+        for path, stamp in stamps.items():
+            old = self.files.get(path)
+            if old is not None and old.stamp == stamp:
+                continue
+            dirty = True
+            self.files[path] = Known(stamp, old.campaign_id if old else None)
+            self._load(path)
+        return dirty
+
+    def _load(self, path: Path) -> None:
+        try:
+            checked = check_campaign(path, self.settings)
+        except UserError as exc:
+            keeps = self.files[path].campaign_id
+            log_event("campaign-invalid", level=logging.ERROR, file=path.name,
+                      keeps=keeps and "last good schedule", error=exc.sentence())
+            return
+        campaign = checked.campaign
+        self.files[path].campaign_id = campaign.id
+        self.good[campaign.id] = (path, checked)
+        log_event("campaign-loaded", campaign=campaign.id, file=path.name,
+                  schedule=_describe(campaign))
+
+    def checked(self, campaign_id: str) -> tuple[Path, Checked] | None:
+        if self.changed():
+            self.load_changes()
+        return self.good.get(campaign_id)
+
+    # -- the job set -----------------------------------------------------------------------
+
+    def reconcile(self, scheduler: AsyncIOScheduler) -> None:
+        """Bring the job store in line with the campaign files (one job per campaign id)."""
+        wanted = {cid: (path, c) for cid, (path, c) in self.good.items()
+                  if c.campaign.schedule is not None}
+        broken = {p.name for p, k in self.files.items() if k.campaign_id is None}
+        for job in scheduler.get_jobs():
+            if job.id in wanted:
+                continue
+            if str(job.name).partition("|")[0] in broken:
+                continue  # the file exists but does not validate: keep its last good schedule
+            scheduler.remove_job(job.id)
+            log_event("job-removed", campaign=job.id)
+        for path, checked in wanted.values():
+            self._ensure_job(scheduler, checked.campaign, path)
+
+    def _ensure_job(self, scheduler: AsyncIOScheduler, campaign: Campaign, path: Path) -> None:
+        name = fingerprint(campaign, self.settings, path)
+        args = [campaign.id, self.config_path]
+        job = scheduler.get_job(campaign.id)
+        if job is not None and job.name == name:
+            if list(job.args) != args:
+                scheduler.modify_job(campaign.id, args=args)
+            return
+        assert campaign.schedule is not None
+        if campaign.schedule.at is not None:
+            with self.store.engine.connect() as conn:
+                done = one_off_done(conn, campaign.id)
+            if done is not None:
+                if job is not None:
+                    scheduler.remove_job(campaign.id)
+                log_event("schedule-ignored", campaign=campaign.id, run=done.id,
+                          status=done.status, reason="this one-off campaign has already run; "
+                          "mailer send --again sends it anew")
+                return
+        trigger = trigger_for(campaign, self.settings)
+        if job is None:
+            scheduler.add_job(fire, trigger, args=args, id=campaign.id, name=name,
+                              misfire_grace_time=None, coalesce=False,
+                              max_instances=MAX_INSTANCES, replace_existing=True)
+        else:
+            scheduler.modify_job(campaign.id, name=name, args=args)
+            scheduler.reschedule_job(campaign.id, trigger=trigger)
+        job = scheduler.get_job(campaign.id)
+        nxt = getattr(job, "next_run_time", None)
+        log_event("job-scheduled", campaign=campaign.id, schedule=_describe(campaign),
+                  next_local=_local(nxt, self.settings), next_utc=_utc(nxt))
+
+    # -- firing ----------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def fire(self, campaign_id: str, run_times: Sequence[datetime]) -> None:
+        try:
+            await self._fire(campaign_id, run_times)
+        except UserError as exc:
+            log_event("fire-failed", level=logging.ERROR, campaign=campaign_id,
+                      error=exc.sentence())
+        except Exception:
+            log.exception("event=fire-failed campaign=%s", campaign_id)
+
+    async def _fire(self, campaign_id: str, run_times: Sequence[datetime]) -> None:
+        found = await asyncio.to_thread(self.checked, campaign_id)
+        if found is None:
+            log_event("fire-skipped", level=logging.WARNING, campaign=campaign_id,
+                      reason="no valid campaign file with this id any more")
+            return
+        path, checked = found
+        decision = decide(checked.campaign, run_times, now=self.now(),
+                          grace_s=self.settings.scheduler.misfire_grace_s, zone=self.settings.tz)
+        if not is_fire_time(checked.campaign, self.settings, decision.scheduled_at):
+            log_event("fire-skipped", campaign=campaign_id, scheduled=_utc(decision.scheduled_at),
+                      reason="the schedule changed since; the new one applies")
+            return
+        if decision.note:
+            log_event("coalesced" if decision.send else "missed",
+                      level=logging.INFO if decision.send else logging.WARNING,
+                      campaign=campaign_id, occurrence=decision.occurrence, note=decision.note)
+        run = await asyncio.to_thread(self._start, checked, decision)
+        if run is not None:
+            await self.deliver(checked, run, event="start" if decision.send else "resume")
+
+    def _start(self, checked: Checked, decision: Decision) -> q.Run | None:
+        """Create the run of this occurrence, or find it; None when there is nothing to send."""
+        from .dispatch import start_run
+        from .sending import audience
+
+        campaign = checked.campaign
+        with self.store.engine.begin() as conn:
+            if decision.occurrence in (ONCE, MISSED_ONCE):
+                existing = one_off_done(conn, campaign.id)
+            else:
+                existing = q.find_run(conn, campaign.id, decision.occurrence)
+            if existing is None and not decision.send:
+                run, _ = q.insert_run(conn, campaign_id=campaign.id,
+                                      occurrence=decision.occurrence, trigger=TRIGGER,
+                                      status=RunStatus.MISSED, scheduled_at=decision.scheduled_at,
+                                      late_s=decision.late_s, note=decision.note)
+                log_event("missed", level=logging.WARNING, campaign=campaign.id, run=run.id,
+                          occurrence=run.occurrence, late_s=decision.late_s)
+                return None
+        if existing is not None:
+            if existing.status != RunStatus.RUNNING:
+                log_event("already-done", campaign=campaign.id, run=existing.id,
+                          occurrence=existing.occurrence, status=existing.status)
+                return None
+            return existing
+        recipients = audience(checked, self.settings, self.store)
+        run, created = start_run(self.store, campaign_id=campaign.id,
+                                 occurrence=decision.occurrence, trigger=TRIGGER,
+                                 recipients=recipients, scheduled_at=decision.scheduled_at,
+                                 late_s=round(decision.late_s, 3))
+        log_event("fire" if created else "fire-found-run", campaign=campaign.id, run=run.id,
+                  occurrence=run.occurrence, late_s=decision.late_s, recipients=run.total)
+        return run
+
+    async def deliver(self, checked: Checked, run: q.Run, *, event: str) -> None:
+        from .dispatch import deliver_run
+
+        result = await deliver_run(self.settings, self.store, checked.rendition, run,
+                                   stop=self.stop)
+        c = result.counts
+        log_event("stopped" if result.stopped else "finished", campaign=run.campaign_id,
+                  run=run.id, occurrence=run.occurrence, sent=c["sent"], failed=c["failed"],
+                  left=c["pending"] + c["sending"], sent_now=result.sent_now,
+                  recovered=result.recovered or None, via=event)
+
+    async def resume_unfinished(self) -> None:
+        """Runs the scheduler started and a stopped or killed process left unfinished."""
+        with self.store.engine.connect() as conn:
+            unfinished = q.unfinished_runs(conn)
+        for run in unfinished:
+            if run.trigger != TRIGGER:
+                log_event("unfinished-send", campaign=run.campaign_id, run=run.id,
+                          hint=f"continue it with: mailer send {run.campaign_id}")
+                continue
+            found = self.good.get(run.campaign_id)
+            if found is None:
+                log_event("resume-impossible", level=logging.ERROR, campaign=run.campaign_id,
+                          run=run.id, reason="no valid campaign file with this id")
+                continue
+            log_event("resume", campaign=run.campaign_id, run=run.id, occurrence=run.occurrence)
+            self.spawn(self._resume(found[1], run))
+
+    async def _resume(self, checked: Checked, run: q.Run) -> None:
+        try:
+            await self.deliver(checked, run, event="resume")
+        except Exception:
+            log.exception("event=resume-failed campaign=%s run=%s", run.campaign_id, run.id)
+
+    async def finish_in_flight(self, *, timeout_s: float | None = None) -> None:
+        """Wait for in-flight fires (bounded); the dispatcher stopped claiming when stop was set."""
+        if not self.tasks:
+            return
+        bound = timeout_s if timeout_s is not None else (
+            self.settings.smtp.timeout_s + STOP_GRACE_S)
+        _, pending = await asyncio.wait(set(self.tasks), timeout=bound)
+        for task in pending:  # resumable: its rows stay claimed until the next start
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+    # -- the process -----------------------------------------------------------------------
+
+    def make_scheduler(self) -> AsyncIOScheduler:
+        scheduler = AsyncIOScheduler(timezone=self.settings.tz)
+        scheduler.add_jobstore(SQLAlchemyJobStore(engine=self.store.engine, tablename=JOB_TABLE))
+        scheduler.add_executor(OccurrenceExecutor(self.spawn))
+        return scheduler
+
+    async def sync(self, scheduler: AsyncIOScheduler, *, force: bool = False) -> None:
+        if force or self.changed():
+            dirty = await asyncio.to_thread(self.load_changes)
+            if dirty or force:
+                self.reconcile(scheduler)
+
+    async def lead(self, leader: Leadership, *, once: bool) -> None:
+        """Run the scheduler while we hold the lock (or, with once, until what is due is done)."""
+        scheduler = self.make_scheduler()
+        scheduler.start(paused=True)
+        try:
+            await self.sync(scheduler, force=True)
+            await self.resume_unfinished()
+            scheduler.resume()
+            if once:
+                await _next_turn()  # resume() queued a wakeup: due jobs are submitted by now
+                while self.tasks and not self.stop.is_set():
+                    await asyncio.wait(set(self.tasks))
+                return
+            while not self.stop.is_set():
+                if await _wait(self.stop, self.settings.scheduler.poll_s):
+                    break
+                if not await asyncio.to_thread(leader.held):
+                    log_event("leadership-lost", level=logging.WARNING)
+                    break
+                await self.sync(scheduler)
+        finally:
+            if scheduler.running:
+                scheduler.pause()  # stop firing
+            await self.finish_in_flight()
+            if scheduler.running:
+                scheduler.shutdown(wait=False)
+                await _next_turn()
+
+
+async def _next_turn() -> None:
+    """Let callbacks queued with call_soon(_threadsafe) before this point run."""
+    done = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(done.set_result, None)
+    await done
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=timeout_s)
+    return event.is_set()
+
+
+async def serve(settings: Settings, config_path: str, *, once: bool = False, now: Clock = utcnow,
+                stop: asyncio.Event | None = None, store: Store | None = None) -> int:
+    """`mailer run`: follow until we lead, then schedule; returns the exit code."""
+    store = store or open_store(settings.database_url)
+    runner = Runner(settings=settings, store=store, config_path=config_path, now=now,
+                    stop=stop or asyncio.Event())
+    leader = leader_for(store, settings)
+    _runners[config_path] = runner
+    try:
+        while not runner.stop.is_set():
+            if not await asyncio.to_thread(leader.try_acquire):
+                if once:
+                    log_event("standby", reason="another mailer run leads; nothing to do")
+                    return 0
+                log_event("standby", reason="another mailer run leads; waiting to take over")
+                while not await asyncio.to_thread(leader.try_acquire):
+                    if await _wait(runner.stop, settings.scheduler.poll_s):
+                        return 0
+            log_event("leader", pid=os.getpid(), lock=type(leader).__name__)
+            try:
+                await runner.lead(leader, once=once)
+            finally:
+                leader.release()
+            if once:
+                break
+        log_event("exit", reason="stopped" if runner.stop.is_set() else "done")
+        return 0
+    finally:
+        _runners.pop(config_path, None)
+
+
+# --- `mailer schedule` ------------------------------------------------------------------------
+
+
+def _describe(campaign: Campaign) -> str:
+    s = campaign.schedule
+    if s is None:
+        return "none"
+    return f"cron {s.cron}" if s.cron is not None else f"at {s.at}"
+
+
+def _local(when: datetime | None, settings: Settings) -> str | None:
+    return when.astimezone(settings.tz).isoformat() if when else None
+
+
+def _utc(when: datetime | None) -> str | None:
+    return when.astimezone(UTC).isoformat() if when else None
+
+
+def schedule_overview(settings: Settings, store: Store, *, now: datetime | None = None
+                      ) -> list[dict[str, Any]]:
+    """Every scheduled campaign: next fire (local and UTC), last run and its status, misses."""
+    from .campaign import load_campaign
+
+    now = now or utcnow()
+    out: list[dict[str, Any]] = []
+    for path in campaign_files(settings):
+        try:
+            campaign = load_campaign(path, settings)
+        except UserError as exc:
+            out.append({"file": path.name, "campaign": None, "error": exc.sentence()})
+            continue
+        if campaign.schedule is None:
+            continue
+        with store.engine.connect() as conn:
+            last = last_run(conn, campaign.id)
+            missed = missed_runs(conn, campaign.id)
+            done = one_off_done(conn, campaign.id) if campaign.schedule.at else None
+        nxt = None if done is not None else next_fire(campaign, settings, now)
+        out.append({
+            "file": path.name, "campaign": campaign.id, "schedule": _describe(campaign),
+            "next_local": _local(nxt, settings), "next_utc": _utc(nxt),
+            "last_run": None if last is None else {
+                "id": last.id, "occurrence": last.occurrence, "status": last.status,
+                "trigger": last.trigger, "scheduled_utc": _utc(last.scheduled_at),
+                "late_s": last.late_s, "total": last.total,
+                "finished_utc": _utc(last.finished_at)},
+            "missed": [{"occurrence": r.occurrence, "scheduled_utc": _utc(r.scheduled_at),
+                        "note": r.note} for r in missed],
+        })
+    return out

@@ -1,0 +1,295 @@
+"""Page and confirmation-mail strings per language; German is the reference and the fallback.
+
+`consent` is the form text a subscriber agrees to: it is stored with every consent event,
+together with FORM_VERSION — change the version whenever a text changes (proof of consent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+FORM_VERSION = "2026-01"
+RTL = frozenset({"ar", "fa", "he", "ur"})
+LANGUAGE_NAMES = {"de": "Deutsch", "en": "English", "tr": "Türkçe", "ar": "العربية",
+                  "pl": "Polski", "ru": "Русский", "uk": "Українська"}
+
+STRINGS: dict[str, dict[str, str]] = {
+    "de": {
+        "tagline": "Integration mit aufrechtem Gang · Dortmund",
+        "subscribe_title": "Newsletter abonnieren",
+        "subscribe_intro": "Einladungen zu den Dortmunder Integrationskonferenzen, zu „Wir ALLE "
+                           "sind Dortmund“, FORUM INTEGRATION und den interkulturellen "
+                           "Straßenfesten – etwa einmal im Monat, kostenlos, jederzeit "
+                           "abbestellbar.",
+        "email": "E-Mail-Adresse",
+        "name": "Name (freiwillig)",
+        "language": "Sprache der E-Mails",
+        "lists": "Was möchten Sie erhalten?",
+        "consent": "Ja, ich möchte die ausgewählten E-Mails des Trägerkreises IMAG erhalten. Meine "
+                   "Einwilligung kann ich jederzeit über den Link in jeder E-Mail widerrufen. "
+                   "Gespeichert werden Adresse, Name, Sprache sowie Zeitpunkt und IP-Adresse der "
+                   "Anmeldung als Nachweis.",
+        "submit": "Anmelden",
+        "thanks_title": "Fast geschafft",
+        "thanks": "Wenn die Adresse E-Mails empfangen kann, haben wir gerade einen "
+                  "Bestätigungslink dorthin geschickt. Erst wenn Sie ihn öffnen, sind Sie "
+                  "angemeldet. Der Link gilt 7 Tage.",
+        "confirmed_title": "Anmeldung bestätigt",
+        "confirmed": "Vielen Dank! Sie erhalten ab jetzt unsere E-Mails. Abmelden können Sie sich "
+                     "mit einem Klick in jeder E-Mail.",
+        "already": "Diese Anmeldung ist bereits bestätigt. Sie müssen nichts weiter tun.",
+        "invalid_title": "Dieser Link funktioniert nicht",
+        "invalid": "Der Link ist unvollständig, verändert oder abgelaufen. Es wurde nichts "
+                   "geändert. Bitte melden Sie sich bei Bedarf erneut an.",
+        "unsubscribe_title": "Abmelden",
+        "unsubscribe_ask": "Möchten Sie {email} von der Liste „{list}“ abmelden?",
+        "unsubscribe_button": "Ja, abmelden",
+        "unsubscribed_title": "Sie sind abgemeldet",
+        "unsubscribed": "{email} erhält keine E-Mails der Liste „{list}“ mehr.",
+        "preferences_title": "Einstellungen",
+        "preferences_intro": "Einstellungen für {email}",
+        "save": "Speichern",
+        "saved": "Ihre Einstellungen sind gespeichert.",
+        "unsubscribe_all": "Von allen Listen abmelden",
+        "unsubscribed_all": "{email} erhält keine E-Mails des Trägerkreises IMAG mehr.",
+        "preferences_link": "Einstellungen ändern",
+        "err_email": "Bitte geben Sie eine gültige E-Mail-Adresse ein.",
+        "err_name": "Der Name darf höchstens 200 Zeichen lang sein und keine Zeilenumbrüche "
+                    "oder spitzen Klammern enthalten.",
+        "err_language": "Bitte wählen Sie eine Sprache aus der Liste.",
+        "err_lists": "Bitte wählen Sie mindestens eine Liste.",
+        "err_form": "Das Formular ist abgelaufen. Bitte laden Sie die Seite neu und senden Sie "
+                    "es noch einmal.",
+        "err_rate": "Zu viele Anfragen. Bitte versuchen Sie es später noch einmal.",
+        "not_found": "Diese Seite gibt es nicht.",
+        "error_title": "Das hat nicht geklappt",
+        "error": "Ein Fehler ist aufgetreten. Bitte versuchen Sie es später noch einmal.",
+        "back": "Zur Anmeldung",
+        "impressum": "Impressum",
+        "privacy": "Datenschutz: Es gilt das Datenschutzgesetz der EKD (DSG-EKD). Auskunft und "
+                   "Löschung: {email}",
+        "list_newsletter": "IMAG-Newsletter",
+        "partner_list": "Verteiler „{list}“ (Partnerorganisationen)",
+        "mail_subject": "Bitte bestätigen Sie Ihre Anmeldung",
+        "mail_hello": "Guten Tag {name},",
+        "mail_hello_anon": "Guten Tag,",
+        "mail_body": "jemand – hoffentlich Sie – hat diese Adresse für {lists} angemeldet. Bitte "
+                     "bestätigen Sie die Anmeldung mit diesem Link (gültig 7 Tage):",
+        "mail_button": "Anmeldung bestätigen",
+        "mail_ignore": "Wenn Sie sich nicht angemeldet haben, ignorieren Sie diese E-Mail einfach: "
+                       "ohne Bestätigung erhalten Sie nichts weiter.",
+    },
+    "en": {
+        "tagline": "Integration with heads held high · Dortmund",
+        "subscribe_title": "Subscribe to the newsletter",
+        "subscribe_intro": "Invitations to the Dortmund integration conferences, “Wir ALLE sind "
+                           "Dortmund”, FORUM INTEGRATION and the intercultural street festivals "
+                           "– about once a month, free of charge, cancel at any time.",
+        "email": "Email address",
+        "name": "Name (optional)",
+        "language": "Language of the emails",
+        "lists": "What would you like to receive?",
+        "consent": "Yes, I would like to receive the selected emails from the IMAG network. I can "
+                   "withdraw my consent at any time with the link in every email. Address, name, "
+                   "language and the time and IP address of this sign-up are stored as proof.",
+        "submit": "Subscribe",
+        "thanks_title": "Almost done",
+        "thanks": "If the address can receive email, we have just sent a confirmation link to it. "
+                  "You are subscribed only once you open it. The link is valid for 7 days.",
+        "confirmed_title": "Subscription confirmed",
+        "confirmed": "Thank you! You will receive our emails from now on. You can unsubscribe with "
+                     "one click in every email.",
+        "already": "This subscription is already confirmed. There is nothing more to do.",
+        "invalid_title": "This link does not work",
+        "invalid": "The link is incomplete, altered or expired. Nothing was changed. Please "
+                   "subscribe again if you wish.",
+        "unsubscribe_title": "Unsubscribe",
+        "unsubscribe_ask": "Do you want to unsubscribe {email} from the list “{list}”?",
+        "unsubscribe_button": "Yes, unsubscribe",
+        "unsubscribed_title": "You are unsubscribed",
+        "unsubscribed": "{email} will no longer receive emails of the list “{list}”.",
+        "preferences_title": "Preferences",
+        "preferences_intro": "Preferences for {email}",
+        "save": "Save",
+        "saved": "Your preferences have been saved.",
+        "unsubscribe_all": "Unsubscribe from all lists",
+        "unsubscribed_all": "{email} will no longer receive any emails from the IMAG network.",
+        "preferences_link": "Change preferences",
+        "err_email": "Please enter a valid email address.",
+        "err_name": "The name may be at most 200 characters long, without line breaks or angle "
+                    "brackets.",
+        "err_language": "Please choose a language from the list.",
+        "err_lists": "Please choose at least one list.",
+        "err_form": "The form has expired. Please reload the page and send it again.",
+        "err_rate": "Too many requests. Please try again later.",
+        "not_found": "This page does not exist.",
+        "error_title": "That did not work",
+        "error": "Something went wrong. Please try again later.",
+        "back": "Back to the sign-up",
+        "impressum": "Legal notice",
+        "privacy": "Data protection: the data protection law of the EKD (DSG-EKD) applies. Access "
+                   "and erasure: {email}",
+        "list_newsletter": "IMAG newsletter",
+        "partner_list": "Mailing list “{list}” (partner organisations)",
+        "mail_subject": "Please confirm your subscription",
+        "mail_hello": "Hello {name},",
+        "mail_hello_anon": "Hello,",
+        "mail_body": "someone – hopefully you – signed this address up for {lists}. Please "
+                     "confirm with this link (valid for 7 days):",
+        "mail_button": "Confirm subscription",
+        "mail_ignore": "If you did not sign up, simply ignore this email: without confirmation "
+                       "you will not receive anything else.",
+    },
+    "tr": {
+        "tagline": "Dik duruşla entegrasyon · Dortmund",
+        "subscribe_title": "Bültene abone olun",
+        "subscribe_intro": "Dortmund Entegrasyon Konferansları, „Wir ALLE sind Dortmund“, FORUM "
+                           "INTEGRATION ve kültürlerarası sokak şenliklerine davetler – ayda "
+                           "yaklaşık bir kez, ücretsiz, istediğiniz zaman iptal edilebilir.",
+        "email": "E-posta adresi",
+        "name": "Ad (isteğe bağlı)",
+        "language": "E-postaların dili",
+        "lists": "Neler almak istersiniz?",
+        "consent": "Evet, IMAG ağının seçilen e-postalarını almak istiyorum. Onayımı her "
+                   "e-postadaki bağlantıyla istediğim zaman geri alabilirim. Adres, ad, dil ile "
+                   "kaydın zamanı ve IP adresi kanıt olarak saklanır.",
+        "submit": "Abone ol",
+        "thanks_title": "Neredeyse tamam",
+        "thanks": "Adres e-posta alabiliyorsa, az önce oraya bir onay bağlantısı gönderdik. "
+                  "Aboneliğiniz ancak bağlantıyı açtığınızda başlar. Bağlantı 7 gün geçerlidir.",
+        "confirmed_title": "Abonelik onaylandı",
+        "confirmed": "Teşekkürler! Bundan sonra e-postalarımızı alacaksınız. Her e-postadaki tek "
+                     "tıkla abonelikten çıkabilirsiniz.",
+        "already": "Bu abonelik zaten onaylanmış. Başka bir şey yapmanız gerekmiyor.",
+        "invalid_title": "Bu bağlantı çalışmıyor",
+        "invalid": "Bağlantı eksik, değiştirilmiş veya süresi dolmuş. Hiçbir şey değiştirilmedi. "
+                   "İsterseniz lütfen yeniden abone olun.",
+        "unsubscribe_title": "Abonelikten çık",
+        "unsubscribe_ask": "{email} adresini „{list}“ listesinden çıkarmak istiyor musunuz?",
+        "unsubscribe_button": "Evet, abonelikten çık",
+        "unsubscribed_title": "Abonelikten çıktınız",
+        "unsubscribed": "{email} artık „{list}“ listesinin e-postalarını almayacak.",
+        "preferences_title": "Ayarlar",
+        "preferences_intro": "{email} için ayarlar",
+        "save": "Kaydet",
+        "saved": "Ayarlarınız kaydedildi.",
+        "unsubscribe_all": "Tüm listelerden çık",
+        "unsubscribed_all": "{email} artık IMAG ağından hiçbir e-posta almayacak.",
+        "preferences_link": "Ayarları değiştir",
+        "err_email": "Lütfen geçerli bir e-posta adresi girin.",
+        "err_name": "Ad en fazla 200 karakter olabilir; satır sonu veya açılı ayraç içeremez.",
+        "err_language": "Lütfen listeden bir dil seçin.",
+        "err_lists": "Lütfen en az bir liste seçin.",
+        "err_form": "Formun süresi doldu. Lütfen sayfayı yenileyip tekrar gönderin.",
+        "err_rate": "Çok fazla istek. Lütfen daha sonra tekrar deneyin.",
+        "not_found": "Bu sayfa mevcut değil.",
+        "error_title": "Bu işe yaramadı",
+        "error": "Bir hata oluştu. Lütfen daha sonra tekrar deneyin.",
+        "back": "Kayıt sayfasına dön",
+        "impressum": "Künye",
+        "privacy": "Veri koruma: EKD veri koruma yasası (DSG-EKD) geçerlidir. Bilgi ve silme: "
+                   "{email}",
+        "list_newsletter": "IMAG bülteni",
+        "partner_list": "„{list}“ dağıtım listesi (ortak kuruluşlar)",
+        "mail_subject": "Lütfen aboneliğinizi onaylayın",
+        "mail_hello": "Merhaba {name},",
+        "mail_hello_anon": "Merhaba,",
+        "mail_body": "birisi – umarız sizsiniz – bu adresi {lists} için kaydetti. Lütfen bu "
+                     "bağlantıyla onaylayın (7 gün geçerli):",
+        "mail_button": "Aboneliği onayla",
+        "mail_ignore": "Kaydolmadıysanız bu e-postayı dikkate almayın: onay olmadan başka bir şey "
+                       "almayacaksınız.",
+    },
+    "ar": {
+        "tagline": "الاندماج برؤوس مرفوعة · دورتموند",
+        "subscribe_title": "الاشتراك في النشرة الإخبارية",
+        "subscribe_intro": "دعوات إلى مؤتمرات الاندماج في دورتموند، و„Wir ALLE sind Dortmund“، "
+                           "وFORUM INTEGRATION، ومهرجانات الشوارع بين الثقافات – مرة في الشهر "
+                           "تقريبًا، مجانًا، ويمكن إلغاؤها في أي وقت.",
+        "email": "البريد الإلكتروني",
+        "name": "الاسم (اختياري)",
+        "language": "لغة الرسائل",
+        "lists": "ماذا تريد أن تتلقى؟",
+        "consent": "نعم، أرغب في تلقي الرسائل المختارة من شبكة IMAG. يمكنني سحب موافقتي في أي وقت "
+                   "عبر الرابط الموجود في كل رسالة. يُحفظ العنوان والاسم واللغة ووقت التسجيل "
+                   "وعنوان IP كإثبات.",
+        "submit": "اشترك",
+        "thanks_title": "اقتربنا من الانتهاء",
+        "thanks": "إذا كان العنوان يستقبل الرسائل، فقد أرسلنا إليه للتو رابط تأكيد. لن يبدأ "
+                  "اشتراكك إلا بعد فتحه. الرابط صالح لمدة 7 أيام.",
+        "confirmed_title": "تم تأكيد الاشتراك",
+        "confirmed": "شكرًا لك! ستتلقى رسائلنا من الآن. يمكنك إلغاء الاشتراك بنقرة واحدة في كل "
+                     "رسالة.",
+        "already": "هذا الاشتراك مؤكد بالفعل. لا داعي لفعل أي شيء آخر.",
+        "invalid_title": "هذا الرابط لا يعمل",
+        "invalid": "الرابط غير مكتمل أو معدَّل أو منتهي الصلاحية. لم يتغير شيء. يُرجى الاشتراك "
+                   "من جديد إن رغبت.",
+        "unsubscribe_title": "إلغاء الاشتراك",
+        "unsubscribe_ask": "هل تريد إلغاء اشتراك {email} من قائمة „{list}“؟",
+        "unsubscribe_button": "نعم، ألغِ الاشتراك",
+        "unsubscribed_title": "تم إلغاء اشتراكك",
+        "unsubscribed": "لن يتلقى {email} رسائل قائمة „{list}“ بعد الآن.",
+        "preferences_title": "الإعدادات",
+        "preferences_intro": "إعدادات {email}",
+        "save": "حفظ",
+        "saved": "تم حفظ إعداداتك.",
+        "unsubscribe_all": "إلغاء الاشتراك من جميع القوائم",
+        "unsubscribed_all": "لن يتلقى {email} أي رسائل من شبكة IMAG بعد الآن.",
+        "preferences_link": "تغيير الإعدادات",
+        "err_email": "يُرجى إدخال عنوان بريد إلكتروني صالح.",
+        "err_name": "يجب ألا يزيد الاسم عن 200 حرف، وبدون فواصل أسطر أو أقواس زاوية.",
+        "err_language": "يُرجى اختيار لغة من القائمة.",
+        "err_lists": "يُرجى اختيار قائمة واحدة على الأقل.",
+        "err_form": "انتهت صلاحية النموذج. يُرجى إعادة تحميل الصفحة وإرساله مرة أخرى.",
+        "err_rate": "طلبات كثيرة جدًا. يُرجى المحاولة لاحقًا.",
+        "not_found": "هذه الصفحة غير موجودة.",
+        "error_title": "لم ينجح ذلك",
+        "error": "حدث خطأ. يُرجى المحاولة لاحقًا.",
+        "back": "العودة إلى صفحة الاشتراك",
+        "impressum": "بيانات الناشر",
+        "privacy": "حماية البيانات: يسري قانون حماية البيانات للكنيسة الإنجيلية في ألمانيا "
+                   "(DSG-EKD). للاستعلام والحذف: {email}",
+        "list_newsletter": "نشرة IMAG الإخبارية",
+        "partner_list": "قائمة „{list}“ (المنظمات الشريكة)",
+        "mail_subject": "يُرجى تأكيد اشتراكك",
+        "mail_hello": "مرحبًا {name}،",
+        "mail_hello_anon": "مرحبًا،",
+        "mail_body": "قام شخص ما – نأمل أن تكون أنت – بتسجيل هذا العنوان في {lists}. يُرجى "
+                     "التأكيد عبر هذا الرابط (صالح لمدة 7 أيام):",
+        "mail_button": "تأكيد الاشتراك",
+        "mail_ignore": "إذا لم تقم بالتسجيل، فتجاهل هذه الرسالة ببساطة: بدون تأكيد لن تتلقى أي "
+                       "شيء آخر.",
+    },
+}
+
+
+def strings(lang: str) -> dict[str, str]:
+    """The strings of a language, German for any key or language not translated."""
+    return {**STRINGS["de"], **STRINGS.get(lang, {})}
+
+
+def text_dir(lang: str) -> str:
+    return "rtl" if lang in RTL else "ltr"
+
+
+def list_title(list_name: str, lang: str) -> str:
+    t = strings(lang)
+    return t.get(f"list_{list_name}") or t["partner_list"].format(list=list_name)
+
+
+def negotiate(accept_language: str, available: Iterable[str], default: str = "de") -> str:
+    """Pick the best of `available` for an Accept-Language header (RFC 9110 §12.5.4)."""
+    offered = list(available)
+    best, best_q = default if default in offered else (offered[0] if offered else default), 0.0
+    for part in accept_language.split(",")[:20]:
+        tag, _, params = part.strip().partition(";")
+        lang = tag.strip().lower().split("-")[0]
+        weight = 1.0
+        if params.strip().startswith("q="):
+            try:
+                weight = float(params.strip()[2:])
+            except ValueError:
+                continue
+        if lang in offered and weight > best_q:
+            best, best_q = lang, weight
+    return best
