@@ -445,6 +445,11 @@ class Runner:
     files: dict[Path, Known] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        # The embedded capture server files mail under var/outbox/ but does not create var/
+        # (absent on a fresh PostgreSQL setup, where no SQLite file put it there).
+        self.settings.var_dir.mkdir(parents=True, exist_ok=True)
+
     # -- campaign files --------------------------------------------------------------------
 
     def scan(self) -> dict[Path, tuple[int, int]]:
