@@ -1,0 +1,61 @@
+"""Composing: DKIM signatures that verify, and headers that RFC 8058 one-click needs signed."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from pathlib import Path
+
+import dkim
+import pytest
+
+from mailer.audience import Recipient
+from mailer.checks import check_campaign
+from mailer.compose import Composer
+from mailer.tokens import Tokens
+from tests.conftest import Project
+
+CAMPAIGN = """\
+template: newsletter
+audience: {lists: [partners]}
+content:
+  de:
+    subject: "Grüße an {{ recipient.name }}"
+    blocks:
+      - heading: "Hallo"
+"""
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_dkim_signature_verifies_and_covers_list_unsubscribe(project: Project,
+                                                             tmp_path: Path) -> None:
+    key = tmp_path / "dkim.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True,
+                   capture_output=True)
+    pub_der = subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"],
+                             check=True, capture_output=True).stdout
+    config = project.config.read_text(encoding="utf-8").replace(
+        "  timeout_s: 30\n",
+        f"  timeout_s: 30\n  dkim: {{selector: mail, domain: imag.example.org, key_file: {key}}}\n")
+    project.config.write_text(config, encoding="utf-8")
+    project.campaign("c.yaml", CAMPAIGN)
+    settings = project.settings()
+    checked = check_campaign(settings.campaigns_dir / "c.yaml", settings)
+    composer = Composer(checked.rendition, settings, tokens=Tokens("k"))
+    data = composer.compose(Recipient(email="a@example.org", name="Zoë", list="partners"),
+                            message_id="<1@imag.example.org>").data
+    assert data.startswith(b"DKIM-Signature:")
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(pub_der)
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"mail._domainkey.imag.example.org."
+        return record
+
+    assert dkim.verify(data, dnsfunc=dns)
+    signature = data.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"list-unsubscribe" in signature and b"list-unsubscribe-post" in signature
+    # Any change to a signed header breaks the signature.
+    assert not dkim.verify(data.replace(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+                                        b"List-Unsubscribe-Post: List-Unsubscribe=One-Clock"),
+                           dnsfunc=dns)
