@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailer.campaign import load_campaign
 from mailer.checks import check_campaign
@@ -51,13 +52,15 @@ BAD = [
      2, "audience.lists"),
     ("unknown-template", GOOD.replace("newsletter", "newsleter"), 1, "did you mean 'newsletter'"),
     ("unknown-list", GOOD.replace("[partners]", "[partnerz]"), 2, "did you mean 'partners'"),
-    ("unknown-block", GOOD.replace("- heading:", "- headline:"), 7, "unknown block kind 'headline'"),
+    ("unknown-block", GOOD.replace("- heading:", "- headline:"), 7,
+     "unknown block kind 'headline'"),
     ("undefined-var", GOOD.replace("Liebe Freundinnen", "Liebe {{ recipient.vorname }}"), 7,
      "vorname"),
     ("bad-cron", GOOD + 'schedule: {cron: "61 9 * * *"}\n', 9, "cron"),
     ("dst-gap", GOOD + 'schedule: {at: "2027-03-28 02:30"}\n', 9, "does not exist"),
     ("dst-twice", GOOD + 'schedule: {at: "2026-10-25 02:30"}\n', 9, "happens twice"),
-    ("crlf-subject", GOOD.replace('"Hallo {{ recipient.name }}"', '"Hallo\\r\\nBcc: x@example.org"'),
+    ("crlf-subject",
+     GOOD.replace('"Hallo {{ recipient.name }}"', '"Hallo\\r\\nBcc: x@example.org"'),
      5, "line break"),
     ("no-content", "template: newsletter\naudience: {lists: [partners]}\n", None, "content"),
     ("missing-attachment", GOOD + "attachments: [files/flyer.pdf]\n", 9, "does not exist"),
