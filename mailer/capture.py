@@ -26,6 +26,7 @@ class _MaildirHandler:
     """aiosmtpd handler: one maildir file per accepted transaction."""
 
     def __init__(self, outbox: Path, *, trace_headers: bool) -> None:
+        outbox.parent.mkdir(parents=True, exist_ok=True)  # Maildir makes only the last level
         self.maildir = mailbox.Maildir(outbox, create=True)
         self.trace_headers = trace_headers
         self.accepted = 0

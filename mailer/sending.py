@@ -28,7 +28,7 @@ ONCE = "once"
 def occurrence_for(checked: Checked, *, again: bool, now: datetime) -> str:
     """A one-off campaign has one occurrence; a manual send of a cron campaign makes its own."""
     schedule = checked.campaign.schedule
-    stamp = now.strftime("%Y%m%dT%H%M%S")
+    stamp = now.strftime("%Y%m%dT%H%M%S.%f")  # two --again sends in one second stay two
     if again:
         return f"again-{stamp}"
     if schedule is not None and schedule.cron is not None:

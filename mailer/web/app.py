@@ -105,6 +105,8 @@ def create_app(
         if web.transport is not None:
             yield
             return
+        if settings.smtp.embedded:  # the capture server's maildir needs its parent (var/)
+            settings.outbox_dir.parent.mkdir(parents=True, exist_ok=True)
         async with open_transport(settings) as opened:
             web.transport = opened
             try:

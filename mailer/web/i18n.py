@@ -203,8 +203,8 @@ STRINGS: dict[str, dict[str, str]] = {
     "ar": {
         "tagline": "الاندماج برؤوس مرفوعة · دورتموند",
         "subscribe_title": "الاشتراك في النشرة الإخبارية",
-        "subscribe_intro": "دعوات إلى مؤتمرات الاندماج في دورتموند، و„Wir ALLE sind Dortmund“، "
-                           "وFORUM INTEGRATION، ومهرجانات الشوارع بين الثقافات – مرة في الشهر "
+        "subscribe_intro": "دعوات إلى مؤتمرات الاندماج في دورتموند، و«Wir ALLE sind Dortmund»، "
+                           "و«FORUM INTEGRATION»، ومهرجانات الشوارع بين الثقافات – مرة في الشهر "
                            "تقريبًا، مجانًا، ويمكن إلغاؤها في أي وقت.",
         "email": "البريد الإلكتروني",
         "name": "الاسم (اختياري)",
@@ -225,10 +225,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "invalid": "الرابط غير مكتمل أو معدَّل أو منتهي الصلاحية. لم يتغير شيء. يُرجى الاشتراك "
                    "من جديد إن رغبت.",
         "unsubscribe_title": "إلغاء الاشتراك",
-        "unsubscribe_ask": "هل تريد إلغاء اشتراك {email} من قائمة „{list}“؟",
+        "unsubscribe_ask": "هل تريد إلغاء اشتراك {email} من قائمة «{list}»؟",
         "unsubscribe_button": "نعم، ألغِ الاشتراك",
         "unsubscribed_title": "تم إلغاء اشتراكك",
-        "unsubscribed": "لن يتلقى {email} رسائل قائمة „{list}“ بعد الآن.",
+        "unsubscribed": "لن يتلقى {email} رسائل قائمة «{list}» بعد الآن.",
         "preferences_title": "الإعدادات",
         "preferences_intro": "إعدادات {email}",
         "save": "حفظ",
@@ -250,7 +250,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "privacy": "حماية البيانات: يسري قانون حماية البيانات للكنيسة الإنجيلية في ألمانيا "
                    "(DSG-EKD). للاستعلام والحذف: {email}",
         "list_newsletter": "نشرة IMAG الإخبارية",
-        "partner_list": "قائمة „{list}“ (المنظمات الشريكة)",
+        "partner_list": "قائمة «{list}» (المنظمات الشريكة)",
         "mail_subject": "يُرجى تأكيد اشتراكك",
         "mail_hello": "مرحبًا {name}،",
         "mail_hello_anon": "مرحبًا،",
