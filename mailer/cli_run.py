@@ -25,14 +25,17 @@ class UtcFormatter(logging.Formatter):
 
 
 def configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(UtcFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    """On top of cli.setup_logging (level, stderr): UTC ISO timestamps, quiet libraries."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    # APScheduler's own INFO lines name jobs by repr; ours carry the same facts, structured.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("mailer.capture").setLevel(logging.WARNING)
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+        root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(UtcFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    # aiosmtpd logs every SMTP command, addresses included, at INFO on 'mail.log'; APScheduler's
+    # own INFO lines repeat ours unstructured.
+    for noisy in ("mail.log", "apscheduler", "alembic", "mailer.capture"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def config_path(ctx: Ctx) -> str:

@@ -1,0 +1,372 @@
+"""The scheduler: triggers (DST, weekdays), misfires, exactly-once, and a few real-time runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from apscheduler.triggers.cron import CronTrigger
+
+from mailer.config import SchedulerSettings, Settings
+from mailer.scheduler import (
+    JOB_TABLE,
+    MISSED_ONCE,
+    ONCE,
+    Runner,
+    cron_trigger,
+    crontab_weekdays,
+    decide,
+    schedule_overview,
+    serve,
+)
+from mailer.store import RunStatus, open_store
+from mailer.store import queries as q
+from tests.conftest import Project, both_databases
+
+BERLIN = ZoneInfo("Europe/Berlin")
+CAMPAIGN = """\
+template: newsletter
+audience: {{lists: [partners]}}
+content: {{de: {{subject: "x", blocks: [{{heading: "Hallo"}}]}}}}
+schedule: {{{schedule}}}
+"""
+
+
+def campaign_text(schedule: str) -> str:
+    return CAMPAIGN.format(schedule=schedule)
+
+
+def at_text(when: datetime) -> str:
+    return campaign_text(f'at: "{when.astimezone(BERLIN):%Y-%m-%d %H:%M:%S}"')
+
+
+def fires_on(trigger: CronTrigger, day: datetime) -> list[datetime]:
+    """Every fire time of the trigger during one local calendar day, in UTC."""
+    start = day.replace(hour=0, minute=0, tzinfo=BERLIN)
+    end = start + timedelta(days=1, hours=1)
+    out, prev, now = [], None, start - timedelta(seconds=1)
+    while True:
+        nxt = trigger.get_next_fire_time(prev, now)
+        if nxt is None or nxt.astimezone(UTC) >= end.astimezone(UTC):
+            return out
+        if nxt.astimezone(BERLIN).date() == day.date():
+            out.append(nxt.astimezone(UTC))
+        prev = now = nxt
+
+
+def fast(settings: Settings, **changes: float) -> Settings:
+    sched = SchedulerSettings(**{"misfire_grace_s": 3600, "poll_s": 0.2, **changes})
+    return settings.model_copy(update={"scheduler": sched})
+
+
+def outbox(settings: Settings) -> list[Path]:
+    folder = settings.outbox_dir / "new"
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def runs_of(settings: Settings, campaign_id: str) -> list[q.Run]:
+    with open_store(settings.database_url).engine.connect() as conn:
+        return q.runs_of(conn, campaign_id)
+
+
+async def until(check: Callable[[], object], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+# --- triggers: daylight saving time and weekdays ----------------------------------------------
+
+
+def test_spring_forward_fires_once_an_hour_later_on_the_clock() -> None:
+    trigger = cron_trigger("30 2 * * *", BERLIN)
+    fires = fires_on(trigger, datetime(2027, 3, 28))
+    # 02:30 does not exist that night; it fires once, at 03:30 CEST = 01:30 UTC (module doc).
+    assert fires == [datetime(2027, 3, 28, 1, 30, tzinfo=UTC)]
+    assert fires_on(trigger, datetime(2027, 3, 29)) == [datetime(2027, 3, 29, 0, 30, tzinfo=UTC)]
+
+
+@pytest.mark.parametrize("day", [datetime(2026, 10, 25), datetime(2027, 10, 31)])
+def test_fall_back_fires_once_at_the_first_pass(day: datetime) -> None:
+    plain = CronTrigger.from_crontab("30 2 * * *", timezone=BERLIN)
+    assert len(fires_on(plain, day)) == 2  # what APScheduler alone would do
+    fires = fires_on(cron_trigger("30 2 * * *", BERLIN), day)
+    assert fires == [day.replace(hour=0, minute=30, tzinfo=UTC)]  # 02:30 CEST
+
+
+def test_hourly_cron_keeps_both_passes_of_the_repeated_hour() -> None:
+    fires = fires_on(cron_trigger("30 * * * *", BERLIN), datetime(2026, 10, 25))
+    assert len(fires) == 25  # that day has 25 hours
+
+
+def test_fixed_hour_trigger_survives_the_job_store_pickle() -> None:
+    trigger = pickle.loads(pickle.dumps(cron_trigger("30 2 * * *", BERLIN)))
+    assert len(fires_on(trigger, datetime(2026, 10, 25))) == 1
+
+
+@pytest.mark.parametrize(("field", "expected"), [
+    ("0", "sun"), ("7", "sun"), ("1-5", "mon,tue,wed,thu,fri"), ("*/2", "sun,tue,thu,sat"),
+    ("0-6", "*"), ("mon-fri", "mon-fri"), ("*", "*"), ("5,0", "fri,sun"),
+])
+def test_weekdays_mean_what_they_mean_in_crontab(field: str, expected: str) -> None:
+    assert crontab_weekdays(field) == expected
+
+
+def test_sunday_cron_fires_on_sunday() -> None:
+    nxt = cron_trigger("0 9 * * 0", BERLIN).get_next_fire_time(
+        None, datetime(2026, 12, 1, tzinfo=BERLIN))
+    assert nxt is not None and nxt.strftime("%A %H:%M") == "Sunday 09:00"
+
+
+# --- deciding a fire --------------------------------------------------------------------------
+
+
+def test_decide_grace_and_coalescing(project: Project) -> None:
+    from mailer.campaign import load_campaign
+
+    settings = project.settings()
+    cron = load_campaign(project.campaign("c.yaml", campaign_text('cron: "0 8 * * *"')), settings)
+    at = load_campaign(project.campaign("a.yaml", campaign_text('at: "2026-12-03 09:00"')),
+                       settings)
+    t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    late = decide(cron, [t], now=t + timedelta(minutes=10), grace_s=3600, zone=BERLIN)
+    assert (late.send, late.late_s, late.occurrence) == (True, 600.0, "2026-12-01T07:00:00+00:00")
+    many = [t - timedelta(days=2), t - timedelta(days=1), t]
+    missed = decide(cron, many, now=t + timedelta(hours=2), grace_s=3600, zone=BERLIN)
+    assert not missed.send and missed.occurrence == "2026-12-01T07:00:00+00:00"
+    assert missed.note and "2 earlier occurrences" in missed.note and "mailer send c" in missed.note
+    assert decide(at, [t], now=t, grace_s=3600, zone=BERLIN).occurrence == ONCE
+    assert decide(at, [t], now=t + timedelta(hours=2), grace_s=3600,
+                  zone=BERLIN).occurrence == MISSED_ONCE
+
+
+# --- fires with an injected clock -------------------------------------------------------------
+
+
+def runner_for(project: Project, now: datetime, **changes: float) -> Runner:
+    settings = fast(project.settings(), **changes)
+    runner = Runner(settings=settings, store=open_store(settings.database_url),
+                    config_path=str(project.config), now=lambda: now)
+    runner.load_changes()
+    return runner
+
+
+async def test_missed_beyond_grace_is_recorded_and_not_sent(project: Project) -> None:
+    t = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
+    project.campaign("late.yaml", at_text(t))
+    runner = runner_for(project, t + timedelta(hours=2))
+    await runner.fire("late", [t])
+    [run] = runs_of(runner.settings, "late")
+    assert (run.status, run.occurrence, run.total) == (RunStatus.MISSED, MISSED_ONCE, 0)
+    assert run.note and "mailer send late" in run.note and run.late_s == 7200
+    assert outbox(runner.settings) == []
+    await runner.fire("late", [t])  # a second fire of the same missed occurrence adds nothing
+    assert len(runs_of(runner.settings, "late")) == 1
+    # staff can still send it: the one-off occurrence "once" is free for `mailer send`
+    from mailer.checks import check_campaign
+    from mailer.sending import plan_run
+
+    checked = check_campaign(project.root / "campaigns" / "late.yaml", runner.settings)
+    plan = plan_run(checked, runner.settings, runner.store, again=False, retry_failed=False)
+    assert plan.run is not None and plan.run.occurrence == ONCE
+
+
+async def test_within_grace_is_sent_late_with_late_s(project: Project) -> None:
+    t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    project.campaign("weekly.yaml", campaign_text('cron: "0 8 * * *"'))
+    runner = runner_for(project, t + timedelta(minutes=10))
+    await runner.fire("weekly", [t - timedelta(days=1), t])
+    [run] = runs_of(runner.settings, "weekly")
+    assert run.status == RunStatus.FINISHED and run.late_s == 600
+    assert run.occurrence == "2026-12-01T07:00:00+00:00"
+    assert len(outbox(runner.settings)) == run.total > 0
+
+
+@both_databases
+async def test_two_fires_of_one_occurrence_make_one_run(project: Project) -> None:
+    t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    project.campaign("daily.yaml", campaign_text('cron: "0 8 * * *"'))
+    one, two = runner_for(project, t), runner_for(project, t)
+    await asyncio.gather(one.fire("daily", [t]), two.fire("daily", [t]))
+    [run] = runs_of(one.settings, "daily")
+    assert run.status == RunStatus.FINISHED
+    assert len(outbox(one.settings)) == run.total
+
+
+async def test_a_fire_after_the_file_changed_follows_the_new_schedule(project: Project) -> None:
+    t = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
+    path = project.campaign("moved.yaml", at_text(t))
+    runner = runner_for(project, t)
+    path.write_text(at_text(t + timedelta(hours=1)), encoding="utf-8")
+    await runner.fire("moved", [t])  # the old job fires before the watcher saw the edit
+    assert runs_of(runner.settings, "moved") == []
+
+
+# --- a real scheduler in real time ------------------------------------------------------------
+
+
+class Running:
+    """`mailer run` as a task in this loop."""
+
+    def __init__(self, settings: Settings, project: Project) -> None:
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(serve(settings, str(project.config), stop=self.stop))
+
+    async def close(self) -> int:
+        self.stop.set()
+        return await asyncio.wait_for(self.task, 15)
+
+
+def jobs(settings: Settings) -> list[str]:
+    from sqlalchemy import inspect, text
+
+    engine = open_store(settings.database_url).engine
+    if JOB_TABLE not in inspect(engine).get_table_names():
+        return []  # the scheduler has not started yet
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(text(f"SELECT id FROM {JOB_TABLE}"))]
+
+
+async def test_at_fires_within_a_second_and_not_again_after_an_edit(project: Project) -> None:
+    settings = fast(project.settings())
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    path = project.campaign("soon.yaml", at_text(when))
+    running = Running(settings, project)
+    try:
+        await until(lambda: outbox(settings), 8)
+        first = min(p.stat().st_mtime for p in outbox(settings))
+        assert 0 <= first - when.timestamp() < 1.0
+        await until(lambda: runs_of(settings, "soon")[0].status == RunStatus.FINISHED, 5)
+        assert "soon" not in jobs(settings)
+        path.write_text(at_text(when + timedelta(seconds=2)), encoding="utf-8")
+        await asyncio.sleep(3.0)  # the watcher sees the edit; the one-off already ran
+        assert len(runs_of(settings, "soon")) == 1 and "soon" not in jobs(settings)
+    finally:
+        assert await running.close() == 0
+
+
+async def test_edited_at_moves_and_deleted_file_removes_the_job(project: Project) -> None:
+    settings = fast(project.settings())
+    now = datetime.now(UTC).replace(microsecond=0)
+    moved = project.campaign("moved.yaml", at_text(now + timedelta(minutes=30)))
+    gone = project.campaign("gone.yaml", at_text(now + timedelta(seconds=3)))
+    running = Running(settings, project)
+    try:
+        await until(lambda: sorted(jobs(settings)) == ["gone", "moved"], 5)
+        gone.unlink()
+        new_time = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+        moved.write_text(at_text(new_time), encoding="utf-8")
+        await until(lambda: runs_of(settings, "moved"), 6)
+        [run] = runs_of(settings, "moved")
+        assert run.scheduled_at == new_time
+        await asyncio.sleep(max(0.0, (now + timedelta(seconds=4)).timestamp() - time.time()))
+        assert runs_of(settings, "gone") == [] and "gone" not in jobs(settings)
+    finally:
+        assert await running.close() == 0
+
+
+@both_databases
+async def test_two_schedulers_send_each_occurrence_once(project: Project) -> None:
+    settings = fast(project.settings())
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    project.campaign("both.yaml", at_text(when))
+    one, two = Running(settings, project), Running(settings, project)
+    try:
+        await until(lambda: [r for r in runs_of(settings, "both") if r.status == "finished"], 8)
+        await asyncio.sleep(1.0)
+        [run] = runs_of(settings, "both")
+        assert len(outbox(settings)) == run.total > 0
+    finally:
+        assert await one.close() == 0
+        assert await two.close() == 0
+
+
+async def test_broken_file_keeps_its_last_good_schedule(project: Project,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    settings = fast(project.settings())
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    path = project.campaign("typo.yaml", at_text(when))
+    running = Running(settings, project)
+    try:
+        await until(lambda: "typo" in jobs(settings), 5)
+        path.write_text(at_text(when).replace("template:", "templat:"), encoding="utf-8")
+        await until(lambda: runs_of(settings, "typo"), 6)
+        errors = [r.message for r in caplog.records if "campaign-invalid" in r.message]
+        assert len(errors) == 1 and "typo.yaml" in errors[0]
+    finally:
+        assert await running.close() == 0
+
+
+async def test_once_sends_what_is_due_and_resumes_unfinished(project: Project) -> None:
+    settings = fast(project.settings())
+    project.campaign("past.yaml", at_text(datetime.now(UTC) - timedelta(minutes=10)))
+    project.campaign("future.yaml", at_text(datetime.now(UTC) + timedelta(days=1)))
+    project.campaign("cut.yaml", campaign_text('cron: "0 8 * * *"'))
+    from mailer.checks import check_campaign
+    from mailer.dispatch import start_run
+    from mailer.sending import audience
+
+    store = open_store(settings.database_url)
+    checked = check_campaign(project.root / "campaigns" / "cut.yaml", settings)
+    start_run(store, campaign_id="cut", occurrence="2026-12-01T07:00:00+00:00",
+              trigger="scheduler", recipients=audience(checked, settings, store))
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 15) == 0
+    [past] = runs_of(settings, "past")
+    assert past.status == RunStatus.FINISHED and 590 < (past.late_s or 0) < 700
+    assert runs_of(settings, "future") == []
+    assert [r.status for r in runs_of(settings, "cut")] == [RunStatus.FINISHED]
+    overview = {row["campaign"]: row for row in schedule_overview(settings, store)}
+    assert overview["future"]["next_local"] and overview["past"]["next_local"] is None
+    assert overview["past"]["last_run"]["status"] == "finished"
+
+
+@both_databases
+def test_follower_takes_over_when_the_leader_is_killed(project: Project) -> None:
+    config = project.config.read_text().replace(
+        "scheduler:\n  misfire_grace_s: 3600", "scheduler:\n  misfire_grace_s: 3600\n  poll_s: 0.3")
+    project.config.write_text(config)
+    settings = project.settings()
+    env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config)}
+    cmd = [sys.executable, "-m", "mailer", "run"]
+    log_a, log_b = project.root / "a.log", project.root / "b.log"
+    with open(log_a, "w") as fa, open(log_b, "w") as fb:
+        leader = subprocess.Popen(cmd, env=env, stderr=fa, stdout=fa)
+        wait_for_text(log_a, "event=leader", 10)
+        follower = subprocess.Popen(cmd, env=env, stderr=fb, stdout=fb)
+        try:
+            wait_for_text(log_b, "event=standby", 10)
+            when = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=4)
+            project.campaign("takeover.yaml", at_text(when))
+            time.sleep(1.0)  # the leader picks the new file up and stores its job
+            leader.kill()
+            leader.wait(5)
+            wait_for_text(log_b, "event=leader", 5)
+            wait_for_text(log_b, "event=finished campaign=takeover", 10)
+            follower.send_signal(signal.SIGTERM)
+            assert follower.wait(10) == 0
+        finally:
+            for proc in (leader, follower):
+                if proc.poll() is None:
+                    proc.kill()
+    [run] = runs_of(settings, "takeover")
+    assert run.status == RunStatus.FINISHED and len(outbox(settings)) == run.total
+
+
+def wait_for_text(path: Path, needle: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while needle not in path.read_text():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"'{needle}' not in {path.name}:\n{path.read_text()[-2000:]}")
+        time.sleep(0.05)
