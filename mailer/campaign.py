@@ -340,10 +340,10 @@ def _check_schedule(campaign: Campaign, settings: Settings, warnings: list[str] 
     if schedule is None:
         return
     if schedule.cron is not None:
-        from apscheduler.triggers.cron import CronTrigger
+        from .triggers import cron_trigger
 
         try:
-            CronTrigger.from_crontab(schedule.cron, timezone=settings.tz)
+            cron_trigger(schedule.cron, settings.tz)
         except (ValueError, TypeError) as exc:
             raise campaign.error(
                 f"'{schedule.cron}' is not a cron expression ({exc}); "
@@ -371,7 +371,7 @@ def resolve_local(value: str, settings: Settings) -> datetime:
     tz = settings.tz
     early, late = naive.replace(tzinfo=tz, fold=0), naive.replace(tzinfo=tz, fold=1)
     if early.utcoffset() != late.utcoffset():
-        roundtrips = {dt.astimezone(UTC).astimezone(tz).replace(tzinfo=None) for dt in (early, late)}
+        roundtrips = {d.astimezone(UTC).astimezone(tz).replace(tzinfo=None) for d in (early, late)}
         if roundtrips != {naive}:
             raise ValueError(
                 f"{value} does not exist in {settings.timezone} (the clocks jump forward "

@@ -58,7 +58,6 @@ from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Connection, Engine, select, text
 
@@ -69,6 +68,7 @@ from .errors import UserError
 from .store import RunStatus, Store, open_store
 from .store import queries as q
 from .store.tables import runs
+from .triggers import cron_trigger
 
 log = logging.getLogger("mailer.scheduler")
 
@@ -76,7 +76,7 @@ JOB_TABLE = "scheduler_jobs"
 ONCE = "once"  # the occurrence of a one-off campaign; the same as sending.ONCE
 MISSED_ONCE = "once-missed"  # a one-off recorded as missed; leaves "once" free for `mailer send`
 TRIGGER = "scheduler"
-WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")  # crontab: 0 and 7 = Sunday
+
 LOCK_KEYS = (0x494D4147, 1)  # pg_try_advisory_lock(int, int): "IMAG", scheduler
 MAX_INSTANCES = 1000  # different occurrences of one campaign may overlap; each is its own run
 STOP_GRACE_S = 10.0  # on SIGTERM, in-flight transactions get smtp.timeout_s plus this
@@ -102,78 +102,6 @@ def log_event(event: str, *, level: int = logging.INFO, **fields: Any) -> None:
 
 
 # --- triggers ---------------------------------------------------------------------------------
-
-
-def crontab_weekdays(value: str) -> str:
-    """A crontab day-of-week field (0/7 = Sunday) in APScheduler's terms (names)."""
-    if not any(c.isdigit() for c in value):
-        return value
-    days: list[int] = []
-    for part in value.split(","):
-        span, _, step = part.partition("/")
-        if not (span.replace("-", "").isdigit() or span == "*"):
-            raise ValueError(f"mixing names and numbers in the weekday field ('{value}')")
-        if span == "*":
-            low, high = 0, 6
-        elif "-" in span:
-            low, high = (int(x) for x in span.split("-", 1))
-        else:
-            low = int(span)
-            high = 7 if step else low
-        if not 0 <= low <= high <= 7:
-            raise ValueError(f"weekday '{part}' is out of range (0-7, 0 and 7 are Sunday)")
-        days.extend(range(low, high + 1, int(step) if step else 1))
-    names = list(dict.fromkeys(WEEKDAYS[d] for d in days))
-    return "*" if len(names) == 7 else ",".join(names)
-
-
-def _repeated_wall_time(when: datetime, zone: tzinfo) -> bool:
-    """Is this the second pass of a wall-clock time the fall-back night repeats?"""
-    local = when.astimezone(zone)
-    naive = local.replace(tzinfo=None)
-    first = naive.replace(tzinfo=zone, fold=0)
-    return first.utcoffset() != local.utcoffset() and first.astimezone(UTC) < local.astimezone(UTC)
-
-
-class CampaignCronTrigger(CronTrigger):
-    """Crontab with crontab's weekdays and one fire per wall-clock time (see the module doc)."""
-
-    __slots__ = ("expr", "fixed_hours")
-
-    def __init__(self, expr: str, *, timezone: tzinfo, start_date: datetime | None = None) -> None:
-        values = expr.split()
-        if len(values) != 5:
-            raise ValueError(f"wrong number of fields; got {len(values)}, expected 5")
-        minute, hour, day, month, weekday = values
-        super().__init__(minute=minute, hour=hour, day=day, month=month,
-                         day_of_week=crontab_weekdays(weekday), timezone=timezone,
-                         start_date=start_date)
-        self.expr = expr
-        self.fixed_hours = hour not in ("*", "*/1")
-
-    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime
-                           ) -> datetime | None:
-        nxt = super().get_next_fire_time(previous_fire_time, now)
-        for _ in range(8):  # a repeated hour holds at most 60 fire times of a fixed-hour cron
-            if nxt is None or not self.fixed_hours or not _repeated_wall_time(nxt, self.timezone):
-                return nxt
-            nxt = super().get_next_fire_time(nxt, max(now, nxt, key=lambda d: d.astimezone(UTC)))
-        return nxt
-
-    def __getstate__(self) -> dict[str, Any]:
-        state: dict[str, Any] = super().__getstate__()
-        state.update(expr=self.expr, fixed_hours=self.fixed_hours)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.expr = state.get("expr", "")
-        self.fixed_hours = state.get("fixed_hours", True)
-
-
-def cron_trigger(expr: str, zone: tzinfo, *, start_date: datetime | None = None
-                 ) -> CampaignCronTrigger:
-    return CampaignCronTrigger(expr, timezone=zone, start_date=start_date)
 
 
 def trigger_for(campaign: Campaign, settings: Settings) -> BaseTrigger:

@@ -45,12 +45,12 @@ def audience(checked: Checked, settings: Settings, store: Store) -> list[Recipie
         suppressed = q.suppressed_keys(conn)
         managed = {name: subscribers.members(conn, name) for name in campaign.audience.lists
                    if subscribers.is_managed(settings, name)}
-    erased = any(key.startswith(subscribers.HASH_PREFIX) for key in suppressed)
+    erased = any(key.startswith(q.HASH_PREFIX) for key in suppressed)
 
     def is_suppressed(key: str, list_name: str) -> bool:
         lists = suppressed.get(key)
         if erased and not lists:  # an erased address survives only as its hash
-            lists = suppressed.get(subscribers.hashed_key(key))
+            lists = suppressed.get(q.hashed_key(key))
         return lists is not None and ("*" in lists or list_name in lists)
 
     return resolve(campaign.audience.lists, settings, is_suppressed=is_suppressed,

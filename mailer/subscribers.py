@@ -13,7 +13,6 @@ only a hashed key remains so that a later import cannot silently add them again.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 from collections.abc import Iterable, Sequence
@@ -26,6 +25,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, or_, select, upda
 from .audience import Recipient, email_key
 from .config import Settings
 from .store import queries as q
+from .store.queries import HASH_PREFIX, hashed_key
 from .store.subscriber_tables import (
     ConsentEvent,
     MemberStatus,
@@ -36,7 +36,6 @@ from .store.subscriber_tables import (
 )
 from .store.tables import DeliveryStatus, deliveries, runs, suppressions
 
-HASH_PREFIX = "sha256:"
 NAME_MAX = 200
 ADDRESS_MAX = 254  # RFC 5321 §4.5.3.1.3: a forward-path holds at most 256 octets incl. <>
 CONFIRM_MAILS_PER_DAY = 3  # per address: no subscription bombing of a third party's inbox
@@ -53,11 +52,6 @@ class Origin:
     user_agent: str = ""
     form_version: str = ""
     form_text: str = ""
-
-
-def hashed_key(key: str) -> str:
-    """What remains of an erased address: enough to recognise it, not to read it back."""
-    return HASH_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def is_managed(settings: Settings, list_name: str) -> bool:

@@ -57,6 +57,8 @@ BAD = [
     ("undefined-var", GOOD.replace("Liebe Freundinnen", "Liebe {{ recipient.vorname }}"), 7,
      "vorname"),
     ("bad-cron", GOOD + 'schedule: {cron: "61 9 * * *"}\n', 9, "cron"),
+    ("cron-weekday-8", GOOD + 'schedule: {cron: "0 9 * * 8"}\n', 9, "out of range"),
+    ("cron-day-and-weekday", GOOD + 'schedule: {cron: "0 9 1 * 1"}\n', 9, "either the day"),
     ("dst-gap", GOOD + 'schedule: {at: "2027-03-28 02:30"}\n', 9, "does not exist"),
     ("dst-twice", GOOD + 'schedule: {at: "2026-10-25 02:30"}\n', 9, "happens twice"),
     ("crlf-subject",

@@ -23,14 +23,13 @@ from mailer.scheduler import (
     MISSED_ONCE,
     ONCE,
     Runner,
-    cron_trigger,
-    crontab_weekdays,
     decide,
     schedule_overview,
     serve,
 )
 from mailer.store import RunStatus, open_store
 from mailer.store import queries as q
+from mailer.triggers import cron_trigger, crontab_weekdays
 from tests.conftest import Project, both_databases
 
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,6 +15,12 @@ from .tables import DeliveryStatus, RunStatus, deliveries, runs, suppressions
 
 INSERT_CHUNK = 2000
 GLOBAL = "*"
+HASH_PREFIX = "sha256:"
+
+
+def hashed_key(key: str) -> str:
+    """What remains of an erased address: enough to recognise it, not to read it back."""
+    return HASH_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def utcnow() -> datetime:
@@ -344,16 +351,17 @@ def suppressed_keys(conn: Connection) -> dict[str, set[str]]:
 
 
 def suppressed_among(conn: Connection, pairs: Sequence[tuple[str, str]]) -> set[str]:
-    """Which of these (email_key, list) pairs are suppressed now."""
+    """Which of these (email_key, list) pairs are suppressed now (erased ones by their hash)."""
     if not pairs:
         return set()
-    keys = {k for k, _ in pairs}
+    hashed = {k: hashed_key(k) for k, _ in pairs}
     rows = conn.execute(
         select(suppressions.c.email_key, suppressions.c.list_name)
-        .where(suppressions.c.email_key.in_(keys))
+        .where(suppressions.c.email_key.in_(set(hashed) | set(hashed.values())))
     ).all()
     hits = {(k, name) for k, name in rows}
-    return {k for k, name in pairs if (k, GLOBAL) in hits or (k, name) in hits}
+    return {k for k, name in pairs
+            if any((x, GLOBAL) in hits or (x, name) in hits for x in (k, hashed[k]))}
 
 
 def list_suppressions(conn: Connection) -> list[dict[str, Any]]:
