@@ -58,8 +58,9 @@ from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
-from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy import Connection, Engine, text
 
 from .campaign import Campaign, campaign_files, resolve_local
 from .checks import Checked, check_campaign
@@ -67,7 +68,6 @@ from .config import Settings, load_settings
 from .errors import UserError
 from .store import RunStatus, Store, open_store
 from .store import queries as q
-from .store.tables import runs
 from .triggers import cron_trigger
 
 log = logging.getLogger("mailer.scheduler")
@@ -290,19 +290,6 @@ def leader_for(store: Store, settings: Settings) -> Leadership:
 
 
 # --- named queries (scheduler only) -----------------------------------------------------------
-
-
-def last_run(conn: Connection, campaign_id: str) -> q.Run | None:
-    row = conn.execute(select(runs).where(runs.c.campaign_id == campaign_id)
-                       .order_by(runs.c.id.desc()).limit(1)).first()
-    return q._run(row) if row else None
-
-
-def missed_runs(conn: Connection, campaign_id: str, *, limit: int = 20) -> list[q.Run]:
-    rows = conn.execute(select(runs).where(runs.c.campaign_id == campaign_id,
-                                           runs.c.status == RunStatus.MISSED)
-                        .order_by(runs.c.id.desc()).limit(limit))
-    return [q._run(r) for r in rows]
 
 
 def one_off_done(conn: Connection, campaign_id: str) -> q.Run | None:
@@ -583,6 +570,37 @@ class Runner:
             log_event("resume", campaign=run.campaign_id, run=run.id, occurrence=run.occurrence)
             self.spawn(self._resume(found[1], run))
 
+    def lost_fires(self, job: Any, now: datetime) -> list[datetime]:
+        """Cron fire times a killed leader took off the job store but never wrote to the ledger.
+
+        APScheduler advances a job's next run time before the job runs, so a kill -9 in between
+        would lose that occurrence. Fire times after the campaign's latest recorded occurrence
+        and before the stored next run time, within the grace period, are due again.
+        """
+        found = self.good.get(job.id)
+        if found is None or job.next_run_time is None or not isinstance(job.trigger, CronTrigger):
+            return []
+        start = now - timedelta(seconds=self.settings.scheduler.misfire_grace_s)
+        with self.store.engine.connect() as conn:
+            latest = q.latest_scheduled(conn, found[1].campaign.id)
+        lost: list[datetime] = []
+        when = job.trigger.get_next_fire_time(None, start)
+        while when is not None and when < job.next_run_time and when <= now:
+            if latest is None or when > latest:
+                lost.append(when)
+            when = job.trigger.get_next_fire_time(when, when + timedelta(microseconds=1))
+        return lost
+
+    async def catch_up(self, scheduler: AsyncIOScheduler, before: dict[str, str]) -> None:
+        """Fire the occurrences lost between the job store's update and the ledger's insert."""
+        for job in scheduler.get_jobs():
+            if before.get(job.id) != job.name:
+                continue  # new or changed since the last process: nothing can have been lost
+            lost = await asyncio.to_thread(self.lost_fires, job, self.now())
+            if lost:
+                log_event("catch-up", campaign=job.id, fires=len(lost), first=_utc(lost[0]))
+                self.spawn(self.fire(job.id, lost))
+
     async def _resume(self, checked: Checked, run: q.Run) -> None:
         try:
             await self.deliver(checked, run, event="resume")
@@ -620,8 +638,10 @@ class Runner:
         scheduler = self.make_scheduler()
         scheduler.start(paused=True)
         try:
+            before = {job.id: job.name for job in scheduler.get_jobs()}
             await self.sync(scheduler, force=True)
             await self.resume_unfinished()
+            await self.catch_up(scheduler, before)
             scheduler.resume()
             if once:
                 await _next_turn()  # resume() queued a wakeup: due jobs are submitted by now
@@ -722,8 +742,8 @@ def schedule_overview(settings: Settings, store: Store, *, now: datetime | None 
         if campaign.schedule is None:
             continue
         with store.engine.connect() as conn:
-            last = last_run(conn, campaign.id)
-            missed = missed_runs(conn, campaign.id)
+            last = q.last_run(conn, campaign.id)
+            missed = q.runs_with_status(conn, campaign.id, RunStatus.MISSED)
             done = one_off_done(conn, campaign.id) if campaign.schedule.at else None
         nxt = None if done is not None else next_fire(campaign, settings, now)
         out.append({

@@ -369,3 +369,30 @@ def wait_for_text(path: Path, needle: str, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"'{needle}' not in {path.name}:\n{path.read_text()[-2000:]}")
         time.sleep(0.05)
+
+
+@both_databases
+async def test_a_fire_lost_between_job_store_and_ledger_is_caught_up(project: Project) -> None:
+    """kill -9 after APScheduler advanced the job but before the run was written."""
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    settings = fast(project.settings())
+    project.campaign("minutely.yaml", campaign_text('cron: "* * * * *"'))
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 15) == 0
+    lost = datetime.now(UTC).replace(second=0, microsecond=0)
+    store = open_store(settings.database_url)
+    assert runs_of(settings, "minutely") == []
+    # What the killed leader left behind: the job already points past `lost`, no run exists.
+    sched = BackgroundScheduler(timezone=BERLIN)
+    sched.add_jobstore(SQLAlchemyJobStore(engine=store.engine, tablename=JOB_TABLE))
+    sched.start(paused=True)
+    sched.modify_job("minutely", next_run_time=lost + timedelta(minutes=1))
+    sched.shutdown(wait=False)
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 15) == 0
+    occurrences = {r.occurrence: r for r in runs_of(settings, "minutely")}
+    run = occurrences[lost.isoformat()]
+    assert run.status == RunStatus.FINISHED and run.total > 0
+    # Starting once more finds the occurrence in the ledger and does not send it again.
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 15) == 0
+    assert [r.occurrence for r in runs_of(settings, "minutely")].count(lost.isoformat()) == 1

@@ -108,6 +108,27 @@ def runs_of(conn: Connection, campaign_id: str) -> list[Run]:
     return [_run(r) for r in rows]
 
 
+def last_run(conn: Connection, campaign_id: str) -> Run | None:
+    row = conn.execute(select(runs).where(runs.c.campaign_id == campaign_id)
+                       .order_by(runs.c.id.desc()).limit(1)).first()
+    return _run(row) if row else None
+
+
+def runs_with_status(conn: Connection, campaign_id: str, status: RunStatus, *, limit: int = 20
+                     ) -> list[Run]:
+    rows = conn.execute(select(runs).where(runs.c.campaign_id == campaign_id,
+                                           runs.c.status == status)
+                        .order_by(runs.c.id.desc()).limit(limit))
+    return [_run(r) for r in rows]
+
+
+def latest_scheduled(conn: Connection, campaign_id: str) -> datetime | None:
+    """The scheduled time of the campaign's most recent recorded occurrence."""
+    value = conn.execute(select(func.max(runs.c.scheduled_at))
+                         .where(runs.c.campaign_id == campaign_id)).scalar()
+    return as_utc(value)
+
+
 def unfinished_runs(conn: Connection) -> list[Run]:
     rows = conn.execute(select(runs).where(runs.c.status == RunStatus.RUNNING).order_by(runs.c.id))
     return [_run(r) for r in rows]
