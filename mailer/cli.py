@@ -104,8 +104,10 @@ def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
         for warning in checked.warnings:
             click.echo(f"warning: {warning}", err=True)
         c = checked.campaign
+        managed = [n for n in c.audience.lists if n in settings.web.subscribe_lists]
+        extra = f" + the subscribers of {', '.join(managed)}" if managed else ""
         click.echo(f"ok: {path} — {c.id}, {', '.join(c.languages)}, "
-                   f"{len(checked.recipients)} recipients")
+                   f"{len(checked.recipients)} recipients from list files{extra}")
     if problems:
         click.echo(f"{problems} of {len(paths)} campaign files have problems", err=True)
         sys.exit(1)
