@@ -38,6 +38,7 @@ log = logging.getLogger("mailer.dispatch")
 
 LEASE_S = 600.0  # a claim older than this is abandoned even if its owner looks alive
 IDLE_POLL_S = 1.0
+_LIVE: set[str] = set()  # worker ids of the dispatchers running in this process
 
 
 def worker_id() -> str:
@@ -56,7 +57,7 @@ def _dead(claimed_by: str | None, claimed_at: datetime | None, now: datetime, me
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return True  # an earlier dispatcher of this process that is not running any more
+        return claimed_by not in _LIVE  # a dispatcher of this process that has finished
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -140,6 +141,13 @@ class Dispatcher:
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self, run: q.Run) -> RunResult:
+        _LIVE.add(self.worker)
+        try:
+            return await self._run(run)
+        finally:
+            _LIVE.discard(self.worker)
+
+    async def _run(self, run: q.Run) -> RunResult:
         recovered = await self._tx(lambda c: self._recover(c, run.id))
         if recovered:
             log.warning("run %s: %d rows were in flight when the last process stopped; "

@@ -247,3 +247,25 @@ async def test_sigkill_mid_run_then_restart_sends_everyone_once(project, fault_s
         assert run.in_flight_recovered >= duplicates  # counted and reported
     assert run.status == "finished"
 
+
+
+@both_databases
+async def test_two_dispatchers_on_one_run_share_it_without_duplicates(project, fault_server):  # noqa: F811
+    """A fire and a resume of the same run in one process must not take each other's rows."""
+    addresses = crowd(project, 500)  # more than one claim batch (200)
+    fast_server = await fault_server()
+    slow_server = await fault_server(Faults(stall_s=0.05))
+    settings = project.settings(**env_for(fast_server))
+    checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings)
+    store = open_store(settings.database_url)
+    plan = plan_run(checked, settings, store, again=False, retry_failed=False)
+    assert plan.run is not None
+    slow_settings = project.settings(**env_for(slow_server))
+    async with SmtpPool(settings.smtp) as fast, SmtpPool(slow_settings.smtp) as slow:
+        results = await asyncio.gather(
+            deliver_run(settings, store, checked.rendition, plan.run, transport=fast),
+            deliver_run(slow_settings, store, checked.rendition, plan.run, transport=slow))
+    received = Counter(m.rcpt_tos[0] for m in fast_server.messages + slow_server.messages)
+    assert set(received) == set(addresses) and max(received.values()) == 1
+    assert all(r.recovered == 0 for r in results)
+    assert slow_server.messages  # both really worked on it
