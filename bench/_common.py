@@ -64,10 +64,19 @@ def loadavg() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
-def campaign_yaml(campaign_id: str, *, blocks: int, langs: Iterable[str] = LANGS) -> str:
+LIST_CHUNK = 30_000  # rows per list file: the mailer refuses list files over 2 MiB (yamlsrc.py)
+
+
+def list_names(n: int) -> list[str]:
+    chunks = max(1, -(-n // LIST_CHUNK))
+    return ["big"] if chunks == 1 else [f"big{i}" for i in range(chunks)]
+
+
+def campaign_yaml(campaign_id: str, *, blocks: int, langs: Iterable[str] = LANGS,
+                  lists: Iterable[str] = ("big",)) -> str:
     """A newsletter campaign of `blocks` text blocks per language, no attachments."""
-    lines = [f"id: {campaign_id}", "template: newsletter", "audience: {lists: [big]}",
-             "content:"]
+    lines = [f"id: {campaign_id}", "template: newsletter",
+             f"audience: {{lists: [{', '.join(lists)}]}}", "content:"]
     for lang in langs:
         lines += [
             f"  {lang}:",
@@ -84,23 +93,26 @@ def campaign_yaml(campaign_id: str, *, blocks: int, langs: Iterable[str] = LANGS
     return "\n".join(lines) + "\n"
 
 
-def write_list(path: Path, n: int, langs: Iterable[str] = LANGS) -> None:
+def write_list(path: Path, n: int, langs: Iterable[str] = LANGS, start: int = 0) -> None:
     langs = list(langs)
     with path.open("w", encoding="utf-8") as fh:
         fh.write("email,name,language\n")
-        for i in range(n):
+        for i in range(start, start + n):
             fh.write(f"user{i:07d}@example.org,Erika Mustermann {i},{langs[i % len(langs)]}\n")
 
 
 def make_project(n: int, *, blocks: int = 6, campaign_id: str = "bench-40k",
                  root: Path | None = None) -> Path:
-    """A temporary project folder: repo config + templates, a big list, one campaign."""
+    """A temporary project folder: repo config + templates, big lists (n rows), one campaign."""
     folder = Path(tempfile.mkdtemp(prefix="imag-bench-", dir=root))
     shutil.copy(REPO / "config.yaml", folder / "config.yaml")
     shutil.copytree(REPO / "templates", folder / "templates")
     (folder / "lists").mkdir()
     (folder / "campaigns").mkdir()
-    write_list(folder / "lists" / "big.csv", n)
+    names = list_names(n)
+    for i, name in enumerate(names):
+        start = i * LIST_CHUNK
+        write_list(folder / "lists" / f"{name}.csv", min(LIST_CHUNK, n - start), start=start)
     (folder / "campaigns" / f"{campaign_id}.yaml").write_text(
-        campaign_yaml(campaign_id, blocks=blocks), encoding="utf-8")
+        campaign_yaml(campaign_id, blocks=blocks, lists=names), encoding="utf-8")
     return folder

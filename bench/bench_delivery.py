@@ -1,0 +1,311 @@
+"""Issue 3 benchmark: `mailer send` against postfix smtp-sink, next to smtp-source.
+
+    .venv/bin/python bench/bench_delivery.py [--quick] [--skip-postgres] [--skip-big]
+
+Set-up: installs Debian's postfix (for /usr/sbin/smtp-sink and smtp-source) when missing, with
+debconf preseeded to "No configuration", and stops the postfix daemon. One `smtp-sink` on
+127.0.0.1 takes everything; it is killed at the end (also on errors and Ctrl-C).
+
+  1. smtp-source -d -s S -m N -l 40000 for S in 1, 4, 16: messages/s (median of --reps).
+  2. `mailer send` with MAILER_SMTP_POOL_SIZE=S, ~40 KB personalised messages, N recipients,
+     a fresh SQLite ledger each time: messages/s over the whole process (start-up, validation,
+     audience, ledger snapshot, sending, final counts) and over the send phase alone (from the
+     "started run" line to the "run N: … sent" line). Ratio to smtp-source, target >= 0.5.
+  3. Peak RSS (/usr/bin/time -v, else VmHWM polled) of `mailer send` for 10,000 and 100,000
+     recipients (target: flat, < 250 MB at 100,000), and the ledger cost: wall time of the
+     100,000 run on SQLite and on PostgreSQL (a fresh database on 127.0.0.1:5432, dropped after).
+Every subprocess has a timeout; only loopback is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, Stats, loadavg, make_project  # noqa: E402
+
+SINK = "/usr/sbin/smtp-sink"
+SOURCE = "/usr/sbin/smtp-source"
+GNU_TIME = "/usr/bin/time"
+MAILER = str(REPO / ".venv" / "bin" / "mailer")
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+MSG_SIZE = 40_000
+
+
+# --- set-up ---------------------------------------------------------------------------------
+
+
+def ensure_tools() -> None:
+    if not (Path(SINK).exists() and Path(SOURCE).exists()):
+        print("installing postfix for smtp-sink/smtp-source …", flush=True)
+        subprocess.run(["debconf-set-selections"], check=True, timeout=60, text=True,
+                       input="postfix postfix/main_mailer_type select No configuration\n")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "postfix"], check=True, timeout=600, env=env,
+                       stdout=subprocess.DEVNULL)
+    if not Path(GNU_TIME).exists():
+        with contextlib.suppress(Exception):
+            subprocess.run(["apt-get", "install", "-y", "time"], timeout=300,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The daemon must not be left running (the tools do not need it).
+    for cmd in (["postfix", "stop"], ["service", "postfix", "stop"]):
+        with contextlib.suppress(Exception):
+            subprocess.run(cmd, timeout=30, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def smtp_sink(workdir: Path) -> Iterator[tuple[int, Path]]:
+    port = free_port()
+    log = workdir / "sink.out"
+    cmd = [SINK]
+    if os.geteuid() == 0:
+        cmd += ["-u", "nobody"]  # smtp-sink refuses to run as root without -u
+    cmd += ["-c", f"127.0.0.1:{port}", "1000"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"smtp-sink did not start: {log.read_text(errors='replace')}")
+            time.sleep(0.05)
+        print(f"smtp-sink pid {proc.pid} on 127.0.0.1:{port}", flush=True)
+        yield port, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def sink_messages(log: Path) -> int:
+    """The last `mesg=` counter smtp-sink -c printed."""
+    with log.open("rb") as fh:
+        fh.seek(max(0, log.stat().st_size - 4096))
+        found = re.findall(rb"mesg=(\d+)", fh.read())
+    return int(found[-1]) if found else 0
+
+
+# --- smtp-source ----------------------------------------------------------------------------
+
+
+def smtp_source(port: int, sessions: int, n: int, reps: int) -> Stats:
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        subprocess.run([SOURCE, "-d", "-s", str(sessions), "-m", str(n), "-l", str(MSG_SIZE),
+                        f"127.0.0.1:{port}"], check=True, timeout=600,
+                       stdout=subprocess.DEVNULL)
+        rates.append(n / (time.perf_counter() - t0))
+    return Stats(rates)
+
+
+# --- mailer send ----------------------------------------------------------------------------
+
+
+@dataclass
+class SendRun:
+    wall_s: float
+    send_s: float
+    sent: int
+    rss_mb: float
+    output: str
+
+
+def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: float) -> SendRun:
+    env = {**os.environ, "MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": str(port),
+           "MAILER_SMTP_POOL_SIZE": str(pool), "MAILER_SMTP_RATE_PER_SECOND": "1000000",
+           "MAILER_DATABASE_URL": db_url, "MAILER_SECRET_KEY": "bench-secret",
+           "MAILER_CONFIG": str(project / "config.yaml"), "PYTHONUNBUFFERED": "1"}
+    cmd = [MAILER, "--config", str(project / "config.yaml"), "send", "bench-40k"]
+    use_time = Path(GNU_TIME).exists()
+    if use_time:
+        cmd = [GNU_TIME, "-v", *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stamps: dict[str, float] = {}
+    lines: list[str] = []
+    errs: list[str] = []
+    hwm = [0]
+
+    def read_out() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            now = time.perf_counter()
+            if "started run" in line or "resuming run" in line:
+                stamps["start"] = now
+            elif re.match(r"run \d+: \d+ sent", line):
+                stamps["end"] = now
+
+    def read_err() -> None:
+        assert proc.stderr is not None
+        errs.extend(proc.stderr)
+
+    def poll_rss() -> None:  # fallback when GNU time is missing
+        while proc.poll() is None:
+            with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        hwm[0] = max(hwm[0], int(line.split()[1]))
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (read_out, read_err)]
+    if not use_time:
+        threads.append(threading.Thread(target=poll_rss, daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"mailer send timed out after {timeout:.0f} s") from None
+    wall = time.perf_counter() - t0
+    for t in threads:
+        t.join(timeout=5)
+    err = "".join(errs)
+    out = "".join(lines)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mailer send exited {proc.returncode}:\n{out}\n{err[-3000:]}")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    rss_kb = int(m.group(1)) if m else hwm[0]
+    sent = re.search(r"run \d+: (\d+) sent", out)
+    return SendRun(wall_s=wall, send_s=stamps.get("end", wall) - stamps.get("start", 0.0),
+                   sent=int(sent.group(1)) if sent else 0, rss_mb=rss_kb / 1024, output=out)
+
+
+@contextlib.contextmanager
+def postgres_db() -> Iterator[str]:
+    import psycopg
+
+    name = f"imag_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes")
+    ap.add_argument("--n", type=int, default=5_000, help="messages per rate measurement")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sessions", default="1,4,16")
+    ap.add_argument("--big", default="10000,100000", help="recipient counts for RSS/ledger")
+    ap.add_argument("--skip-big", action="store_true", help="no RSS / ledger runs")
+    ap.add_argument("--skip-rates", action="store_true", help="only the RSS / ledger runs")
+    ap.add_argument("--skip-postgres", action="store_true")
+    ap.add_argument("--big-pool", type=int, default=4, help="pool size of the RSS/ledger runs")
+    args = ap.parse_args()
+    if args.quick:
+        args.n, args.reps, args.big = 500, 2, "1000,5000"
+    sessions = [int(s) for s in args.sessions.split(",")]
+    big = [int(s) for s in args.big.split(",")]
+
+    ensure_tools()
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"imag-bench-delivery-{os.getpid()}"
+    work.mkdir(parents=True)
+    print(f"# bench_delivery  ({loadavg()} at start)  work dir {work}", flush=True)
+    projects: dict[int, Path] = {}
+
+    def project(n: int) -> Path:
+        if n not in projects:
+            projects[n] = make_project(n, root=work)
+        return projects[n]
+
+    def db(tag: str) -> str:
+        return f"sqlite:///{work}/{tag}-{secrets.token_hex(3)}.db"
+
+    try:
+        with smtp_sink(work) as (port, sink_log):
+            # 1 + 2: rates per session count, interleaved so noise hits both alike.
+            rows = []
+            for s in [] if args.skip_rates else sessions:
+                src = smtp_source(port, s, args.n, args.reps)
+                walls, sends = [], []
+                for _ in range(args.reps):
+                    before = sink_messages(sink_log)
+                    r = mailer_send(project(args.n), port=port, pool=s, db_url=db(f"s{s}"),
+                                    timeout=max(120, args.n / 20))
+                    time.sleep(0.3)
+                    got = sink_messages(sink_log) - before
+                    if r.sent != args.n or got < args.n:
+                        print(f"  WARNING: mailer reported {r.sent} sent, sink counted {got}")
+                    walls.append(args.n / r.wall_s)
+                    sends.append(args.n / r.send_s)
+                w, sd = Stats(walls), Stats(sends)
+                rows.append((s, src, w, sd))
+                print(f"sessions {s:2}: smtp-source {src.fmt(' msg/s', digits=0)}", flush=True)
+                print(f"             mailer send, whole process {w.fmt(' msg/s', digits=0)}")
+                print(f"             mailer send, send phase    {sd.fmt(' msg/s', digits=0)}")
+                print(f"             RATIO whole/source {w.median / src.median:.3f}, send phase/"
+                      f"source {sd.median / src.median:.3f}  (target >= 0.5)", flush=True)
+            print(f"\n{'sessions':>8} {'smtp-source/s':>14} {'mailer/s':>9} {'send phase/s':>13}"
+                  f" {'ratio':>6} {'ratio(send)':>11}")
+            for s, src, w, sd in rows:
+                print(f"{s:8} {src.median:14,.0f} {w.median:9,.0f} {sd.median:13,.0f} "
+                      f"{w.median / src.median:6.3f} {sd.median / src.median:11.3f}")
+            print(f"# {loadavg()}", flush=True)
+
+            # 3: peak RSS and ledger cost.
+            if not args.skip_big:
+                print(f"\n## peak RSS and ledger cost (pool {args.big_pool}, ~40 KB messages)")
+                timeout = 3600.0
+                for n in big:
+                    r = mailer_send(project(n), port=port, pool=args.big_pool,
+                                    db_url=db(f"big{n}"), timeout=timeout)
+                    print(f"{n:>7,} recipients, SQLite:     peak RSS {r.rss_mb:6.1f} MB, wall "
+                          f"{r.wall_s:6.1f} s ({n / r.wall_s:,.0f} msg/s), send phase "
+                          f"{r.send_s:6.1f} s, setup {r.wall_s - r.send_s:5.1f} s, sent {r.sent:,}",
+                          flush=True)
+                if not args.skip_postgres:
+                    n = max(big)
+                    try:
+                        with postgres_db() as url:
+                            r = mailer_send(project(n), port=port, pool=args.big_pool,
+                                            db_url=url, timeout=timeout)
+                        print(f"{n:>7,} recipients, PostgreSQL: peak RSS {r.rss_mb:6.1f} MB, "
+                              f"wall {r.wall_s:6.1f} s ({n / r.wall_s:,.0f} msg/s), send phase "
+                              f"{r.send_s:6.1f} s, setup {r.wall_s - r.send_s:5.1f} s, "
+                              f"sent {r.sent:,}", flush=True)
+                    except Exception as exc:  # PostgreSQL unreachable: say so, keep the rest
+                        print(f"PostgreSQL run skipped: {exc}")
+            print(f"# {loadavg()} at end; smtp-sink counted {sink_messages(sink_log):,} messages")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
