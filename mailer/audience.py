@@ -21,6 +21,7 @@ FIELD_MAX = 1000
 COLUMN_RE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 LANG_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
 RESERVED = frozenset({"email", "name", "language"})
+LIST_MAX_BYTES = 256 * 1024 * 1024  # a million rows fit; anything larger is a mistake
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +90,7 @@ def load_list(path: Path) -> list[Recipient]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    text = read_text(path, error=ListError)
+    text = read_text(path, error=ListError, max_bytes=LIST_MAX_BYTES)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = reader.fieldnames or []
     if "email" not in [h.strip().lower() for h in header]:
@@ -114,7 +115,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _yaml_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    located = load_yaml(path, error=ListError)
+    located = load_yaml(path, error=ListError, max_bytes=LIST_MAX_BYTES)
     data = located.data or []
     if not isinstance(data, list):
         raise ListError("a YAML list file must be a list of entries ('- email: …')", path=path,
@@ -203,10 +204,20 @@ def columns(lists: Iterable[str], settings: Settings) -> set[str]:
     files = list_files(settings)
     common: set[str] | None = None
     for name in lists:
-        if name not in files:
-            cols: set[str] = set()
-        else:
-            members = load_list(files[name])
-            cols = set(members[0].fields) if members else set()
+        cols = _file_columns(files[name]) if name in files else set()
         common = cols if common is None else common & cols
     return common or set()
+
+
+def _file_columns(path: Path) -> set[str]:
+    """The extra columns of a list file, read without validating every row."""
+    if path.suffix == ".csv":
+        first = read_text(path, error=ListError, max_bytes=LIST_MAX_BYTES).split("\n", 1)[0]
+        header = next(csv.reader([first]), [])
+        cols = {h.strip().lower() for h in header}
+    else:
+        rows = load_yaml(path, error=ListError, max_bytes=LIST_MAX_BYTES).data or []
+        keys = [set(map(str, r)) for r in rows if isinstance(r, dict)] if isinstance(rows, list) \
+            else []
+        cols = set.intersection(*keys) if keys else set()
+    return {c for c in cols if c not in RESERVED}

@@ -22,7 +22,9 @@ def _checked(ctx: Ctx, ref: str) -> Any:
     from .campaign import find_campaign
     from .checks import check_campaign
 
-    checked = check_campaign(find_campaign(ref, ctx.settings), ctx.settings)
+    # The audience is resolved (and its lists checked) once, when the run starts.
+    checked = check_campaign(find_campaign(ref, ctx.settings), ctx.settings,
+                             with_audience=False)
     for warning in checked.warnings:
         if "in the past" not in warning:
             click.echo(f"warning: {warning}", err=True)

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from email.header import Header
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 
@@ -33,26 +32,63 @@ DKIM_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"list-id",
 
 def _clean(value: str) -> str:
     """No header can be injected: line breaks and control characters become spaces."""
+    if value.isprintable():
+        return value
     return "".join(" " if ord(c) < 32 or c == "\x7f" else c for c in value)
+
+
+# RFC 2047 §4.2 "Q" encoding: letters, digits and a few marks stay; space is "_"; the rest =XX.
+_Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+_Q = ["_" if b == 32 else chr(b) if b in _Q_SAFE else f"={b:02X}" for b in range(256)]
+_WORD_ROOM = 75 - len("=?utf-8?q??=")  # an encoded word is at most 75 characters (§2)
+
+
+def encoded_words(value: str, *, indent: int = 0) -> str:
+    """RFC 2047 encoded words for a non-ASCII text, folded between words, never inside a
+    character (§5: each word must decode on its own). `indent`: what precedes the first."""
+    words: list[str] = []
+    current = ""
+    room = _WORD_ROOM - indent
+    for ch in value:
+        piece = "".join(_Q[b] for b in ch.encode("utf-8"))
+        if len(current) + len(piece) > room and current:
+            room = _WORD_ROOM
+            words.append(current)
+            current = ""
+        current += piece
+    words.append(current)
+    return "\r\n ".join(f"=?utf-8?q?{w}?=" for w in words)
+
+
+def _fold_ascii(name: str, value: str) -> str:
+    """Fold a long ASCII header at spaces (RFC 5322 §2.2.3) to stay near 78 characters."""
+    lines, current = [], f"{name}:"
+    for word in value.split(" "):
+        if len(current) + 1 + len(word) > 78 and current != f"{name}:":
+            lines.append(current)
+            current = ""
+        current += " " + word
+    lines.append(current)
+    return "\r\n".join(lines)
 
 
 def encode_header(name: str, value: str) -> bytes:
     value = _clean(value)
-    if value.isascii() and len(value) + len(name) < 76:
-        return f"{name}: {value}".encode("ascii")
-    # RFC 2047 encoded-words, folded below 78 characters.
-    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
-    return f"{name}: {encoded}".encode("ascii")
+    if value.isascii() and "=?" not in value:  # text that looks encoded must be encoded
+        if len(value) + len(name) < 76:
+            return f"{name}: {value}".encode("ascii")
+        return _fold_ascii(name, value).encode("ascii")
+    return f"{name}: {encoded_words(value, indent=len(name) + 2)}".encode("ascii")
 
 
 def address_header(name: str, display: str, address: str) -> bytes:
-    display = _clean(display)
-    address = _clean(address)
-    if address.isascii():
-        return f"{name}: {formataddr((display, address), charset='utf-8')}".encode("ascii")
-    # SMTPUTF8 (RFC 6532): the address goes raw in UTF-8; the display name is still encoded.
-    encoded = Header(display, "utf-8").encode() if display else ""
-    return f"{name}: {encoded} <{address}>".strip().encode("utf-8")
+    display, address = _clean(display).strip(), _clean(address)
+    if not display:
+        return f"{name}: <{address}>".encode()
+    if display.isascii() and "=?" not in display:
+        return f"{name}: {formataddr((display, address))}".encode()
+    # SMTPUTF8 (RFC 6532): a non-ASCII address itself goes raw in UTF-8.
+    return f"{name}: {encoded_words(display, indent=len(name) + 2)} <{address}>".encode()
 
 
 def qp(text: str) -> bytes:
@@ -119,7 +155,7 @@ class Composer:
         parts = []
         for att in self.rendition.attachments:
             name = _clean(att.filename)
-            disposition = Header(name, "utf-8").encode() if not name.isascii() else f'"{name}"'
+            disposition = encoded_words(name) if not name.isascii() else f'"{name}"'
             parts.append(
                 f"--{self._mixed}\r\n"
                 f"Content-Type: {att.content_type}; name={disposition}\r\n"

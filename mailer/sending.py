@@ -173,7 +173,9 @@ async def test_send(checked: Checked, settings: Settings, addresses: list[str]
                     ) -> list[tuple[str, str]]:
     """Send to these addresses only, subject prefixed [TEST]; not recorded as a run."""
     sample = sample_recipient(checked.campaign, settings)
-    known = {r.key: r for r in checked.recipients}
+    campaign = checked.campaign
+    known = {r.key: r for r in resolve(campaign.audience.lists, settings,
+                                       languages=campaign.audience.languages)}
     targets = []
     for raw in addresses:
         try:

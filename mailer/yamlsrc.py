@@ -34,7 +34,7 @@ class Located:
         return self.lines.get((), None)
 
 
-def read_text(path: Path, *, error: type[UserError]) -> str:
+def read_text(path: Path, *, error: type[UserError], max_bytes: int = MAX_FILE_BYTES) -> str:
     """Read a UTF-8 file, refusing absurd sizes and wrong encodings in one sentence."""
     try:
         raw = path.read_bytes()
@@ -42,9 +42,9 @@ def read_text(path: Path, *, error: type[UserError]) -> str:
         raise error("file not found; check the path", path=path) from None
     except OSError as exc:
         raise error(f"cannot read the file ({exc.strerror})", path=path) from None
-    if len(raw) > MAX_FILE_BYTES:
+    if len(raw) > max_bytes:
         raise error(
-            f"file is {len(raw) // 1024} KiB, more than the {MAX_FILE_BYTES // 1024} KiB allowed",
+            f"file is {len(raw) // 1024} KiB, more than the {max_bytes // 1024} KiB allowed",
             path=path,
         )
     try:
@@ -56,9 +56,10 @@ def read_text(path: Path, *, error: type[UserError]) -> str:
         ) from None
 
 
-def load_yaml(path: Path, *, error: type[UserError], text: str | None = None) -> Located:
+def load_yaml(path: Path, *, error: type[UserError], text: str | None = None,
+              max_bytes: int = MAX_FILE_BYTES) -> Located:
     if text is None:
-        text = read_text(path, error=error)
+        text = read_text(path, error=error, max_bytes=max_bytes)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:

@@ -148,3 +148,21 @@ def test_fuzzed_campaign_never_tracebacks(project: Project, text: str) -> None:
         assert exc.sentence()
     except MailerError:
         pass
+
+
+def test_absurdly_large_campaign_file_is_refused(project: Project) -> None:
+    project.campaign("huge.yaml", GOOD + "# " + "x" * (3 * 1024 * 1024) + "\n")
+    result = mailer_cli(project, "validate", "campaigns/huge.yaml")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "huge.yaml" in result.stderr and "KiB allowed" in result.stderr
+
+
+def test_merge_columns_come_from_the_header_of_every_list(project: Project) -> None:
+    from mailer.audience import columns
+
+    project.list_file("one.csv", "email,name,stadtteil,verein\na@example.org,A,Hörde,x\n")
+    project.list_file("two.yaml", "- {email: b@example.org, stadtteil: Eving}\n"
+                                  "- {email: c@example.org, stadtteil: Mengede, verein: y}\n")
+    settings = project.settings()
+    assert columns(["one"], settings) == {"stadtteil", "verein"}
+    assert columns(["one", "two"], settings) == {"stadtteil"}

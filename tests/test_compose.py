@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import shutil
 import subprocess
 from pathlib import Path
 
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailer.audience import Recipient
 from mailer.checks import check_campaign
-from mailer.compose import Composer
+from mailer.compose import Composer, address_header, encode_header
 from mailer.tokens import Tokens
 from tests.conftest import Project
 
@@ -59,3 +63,22 @@ def test_dkim_signature_verifies_and_covers_list_unsubscribe(project: Project,
     assert not dkim.verify(data.replace(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click",
                                         b"List-Unsubscribe-Post: List-Unsubscribe=One-Clock"),
                            dnsfunc=dns)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(min_size=1, max_size=300).filter(lambda t: t.strip() == t and t.isprintable()
+                                                      and "  " not in t))
+def test_any_subject_round_trips_through_a_mail_parser(text: str) -> None:
+    raw = encode_header("Subject", text) + b"\r\n" + address_header(
+        "To", text[:4], "a@example.org") + b"\r\n\r\nbody\r\n"
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Subject"] == text
+    assert msg["To"].addresses[0].addr_spec == "a@example.org"
+    assert msg["To"].addresses[0].display_name == text[:4].strip()
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+def test_header_values_cannot_inject_headers() -> None:
+    raw = encode_header("Subject", "Hallo\r\nBcc: victim@example.org") + b"\r\n\r\n"
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Bcc"] is None and "Bcc" in msg["Subject"]
