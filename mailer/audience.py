@@ -73,8 +73,12 @@ def known_lists(settings: Settings) -> set[str]:
 
 
 def load_list(path: Path) -> list[Recipient]:
+    return list(iter_list(path))
+
+
+def iter_list(path: Path) -> Iterator[Recipient]:
+    """The rows of a list file, validated one by one (so a big list is never held whole)."""
     rows = _csv_rows(path) if path.suffix == ".csv" else _yaml_rows(path)
-    out: list[Recipient] = []
     seen: dict[str, int] = {}
     for line, row in rows:
         recipient = _recipient(row, path=path, line=line)
@@ -85,8 +89,7 @@ def load_list(path: Path) -> list[Recipient]:
                 path=path,
                 line=line,
             )
-        out.append(recipient)
-    return out
+        yield recipient
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -171,12 +174,26 @@ def resolve(
     languages: list[str] | None = None,
 ) -> list[Recipient]:
     """Recipients of the lists in order, first occurrence wins, suppressed ones dropped."""
+    return list(iter_audience(lists, settings, is_suppressed=is_suppressed, managed=managed,
+                              languages=languages))
+
+
+def iter_audience(
+    lists: Iterable[str],
+    settings: Settings,
+    *,
+    is_suppressed: Callable[[str, str], bool] = lambda key, list_name: False,
+    managed: Callable[[str], list[Recipient]] | None = None,
+    languages: list[str] | None = None,
+) -> Iterator[Recipient]:
+    """`resolve` as a stream: memory stays flat however long the lists are."""
     files = list_files(settings)
     seen: set[str] = set()
-    out: list[Recipient] = []
+    count = 0
     for name in lists:
+        members: Iterable[Recipient]
         if name in files:
-            members = load_list(files[name])
+            members = iter_list(files[name])
         elif managed is not None:
             members = managed(name)
         else:
@@ -190,13 +207,12 @@ def resolve(
                 continue
             if is_suppressed(key, name):
                 continue
-            out.append(replace(recipient, list=name))
-    if len(out) > settings.max_recipients:
-        raise ListError(
-            f"the audience has {len(out)} recipients, more than max_recipients "
-            f"({settings.max_recipients}) in the config"
-        )
-    return out
+            count += 1
+            if count > settings.max_recipients:
+                raise ListError(
+                    f"the audience has more than max_recipients ({settings.max_recipients}) "
+                    "recipients: raise max_recipients in the config if that is right")
+            yield replace(recipient, list=name)
 
 
 def columns(lists: Iterable[str], settings: Settings) -> set[str]:

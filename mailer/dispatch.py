@@ -17,7 +17,7 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -304,7 +304,7 @@ def start_run(
     campaign_id: str,
     occurrence: str,
     trigger: str,
-    recipients: Sequence[Recipient],
+    recipients: Iterable[Recipient],
     scheduled_at: datetime | None = None,
     late_s: float | None = None,
 ) -> tuple[q.Run, bool]:

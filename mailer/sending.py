@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from .audience import Recipient, email_key, normalise_address, resolve
+from .audience import Recipient, email_key, iter_audience, normalise_address, resolve
 from .checks import Checked, sample_recipient
 from .compose import Composer, message_id
 from .config import Settings
@@ -36,8 +36,9 @@ def occurrence_for(checked: Checked, *, again: bool, now: datetime) -> str:
     return ONCE
 
 
-def audience(checked: Checked, settings: Settings, store: Store) -> list[Recipient]:
-    """File lists from lists/, managed lists from the store (confirmed members only)."""
+def audience(checked: Checked, settings: Settings, store: Store) -> Iterator[Recipient]:
+    """File lists from lists/, managed lists from the store (confirmed members only), as a
+    stream: a run's snapshot consumes it in chunks, so memory does not grow with the list."""
     from . import subscribers
 
     campaign = checked.campaign
@@ -53,7 +54,7 @@ def audience(checked: Checked, settings: Settings, store: Store) -> list[Recipie
             lists = suppressed.get(q.hashed_key(key))
         return lists is not None and ("*" in lists or list_name in lists)
 
-    return resolve(campaign.audience.lists, settings, is_suppressed=is_suppressed,
+    return iter_audience(campaign.audience.lists, settings, is_suppressed=is_suppressed,
                    managed=lambda name: managed.get(name, []),
                    languages=campaign.audience.languages)
 

@@ -14,7 +14,7 @@ import pytest
 
 from mailer.checks import check_campaign
 from mailer.dispatch import deliver_run
-from mailer.errors import AuthenticationFailure
+from mailer.errors import AuthenticationFailure, ListError
 from mailer.sending import plan_run
 from mailer.store import open_store
 from mailer.store import queries as q
@@ -269,3 +269,19 @@ async def test_two_dispatchers_on_one_run_share_it_without_duplicates(project, f
     assert set(received) == set(addresses) and max(received.values()) == 1
     assert all(r.recovered == 0 for r in results)
     assert slow_server.messages  # both really worked on it
+
+
+@both_databases
+def test_a_bad_row_late_in_a_list_leaves_no_half_written_run(project: Project) -> None:
+    rows = ["email,name"] + [f"p{i}@example.org,P{i}" for i in range(5000)] + ["broken@,X"]
+    project.list_file("crowd.csv", "\n".join(rows) + "\n")
+    project.campaign("crowd.yaml", CAMPAIGN)
+    settings = project.settings()
+    checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings,
+                             with_audience=False)
+    store = open_store(settings.database_url)
+    with pytest.raises(ListError, match="line 5002"):
+        plan_run(checked, settings, store, again=False, retry_failed=False)
+    with store.engine.connect() as conn:
+        assert q.runs_of(conn, "crowd") == []
+        assert conn.exec_driver_sql("select count(*) from deliveries").scalar() == 0
