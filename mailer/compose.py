@@ -166,18 +166,19 @@ class Composer:
             return b""
         return b"".join(parts) + f"--{self._mixed}--\r\n".encode()
 
-    def links(self, recipient: Recipient) -> Links:
+    def links(self, recipient: Recipient, lang: str = "") -> Links:
         base = self.settings.base_url
         token = self.tokens.manage(recipient.email, recipient.list, self.campaign_id)
+        query = f"?lang={lang}" if lang else ""
         return Links(
             unsubscribe=f"{base}/unsubscribe/{token}",
             preferences=f"{base}/preferences/{token}",
-            view_online=f"{base}/archive/{self.campaign_id}",
+            view_online=f"{base}/archive/{self.campaign_id}{query}",
         )
 
     def compose(self, recipient: Recipient, *, message_id: str) -> Composed:
         lr = self.rendition.for_language(recipient.language)
-        links = self.links(recipient)
+        links = self.links(recipient, lr.lang)
         body = personalise(lr, recipient, links)
         data = (self._headers(recipient, body, links, message_id)
                 + self._body(body, lr.html_mostly_ascii))

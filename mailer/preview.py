@@ -60,7 +60,8 @@ def write_preview(
         person = pick_recipient(checked.recipients, lang, recipient, fallback)
         person = Recipient(email=person.email, name=person.name, language=lang,
                            fields=person.fields, list=person.list)
-        body = personalise(checked.rendition.languages[lang], person, composer.links(person))
+        body = personalise(checked.rendition.languages[lang], person,
+                           composer.links(person, lang))
         stem = f"{campaign.id}.{lang}"
         files[f"{stem}.html"] = body.html.encode("utf-8")
         files[f"{stem}.txt"] = body.text.encode("utf-8")

@@ -314,3 +314,54 @@ async def test_preferences_change_language_and_unsubscribe_all(site: Site):
     with site.store.engine.connect() as conn:
         assert [m.email for m in subs.members(conn, "newsletter")] == ["prefs@example.org"]
         assert site.count(suppressions) == 0
+
+
+# --- the archive behind "view online" --------------------------------------------------------
+
+ARCHIVED = """\
+template: newsletter
+audience: {lists: [people]}
+content:
+  de:
+    subject: "Rundbrief Dezember"
+    blocks:
+      - heading: "Hallo {{ recipient.name }}"
+      - text: "Das **FORUM INTEGRATION** lädt ein."
+  ar:
+    subject: "النشرة"
+    blocks:
+      - heading: "مرحبا"
+"""
+
+
+async def test_archive_shows_only_sent_campaigns_unpersonalised(project: Project,
+                                                                site: Site) -> None:
+    from mailer.checks import check_campaign
+    from mailer.dispatch import deliver_run
+    from mailer.sending import plan_run
+
+    project.list_file("people.csv", "email,name,language\nzoe@example.org,Zoë Secret,de\n")
+    path = project.campaign("archived.yaml", ARCHIVED)
+    before = await site.client.get("/archive/archived")
+    assert before.status_code == 404  # not sent yet: drafts stay private
+    settings = project.settings()
+    checked = check_campaign(path, settings)
+    plan = plan_run(checked, settings, site.store, again=False, retry_failed=False)
+    assert plan.run is not None
+    pool = SmtpPool(settings.smtp, host=site.server.host, port=site.server.port)
+    await deliver_run(settings, site.store, checked.rendition, plan.run, transport=pool)
+    await pool.aclose()
+    mail = email.message_from_bytes(site.server.messages[-1].content,
+                                    policy=email.policy.default)
+    html = mail.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    view_online = re.search(r'href="(http://127\.0\.0\.1:8000/archive/[^"]+)"', html)
+    assert view_online, "the mail has no view-online link"
+    page = await site.client.get(site.local(view_online.group(1).replace("&amp;", "&")))
+    assert page.status_code == 200 and "FORUM INTEGRATION" in page.text
+    assert "Zoë" not in page.text and "zoe@example.org" not in page.text
+    assert "script-src" not in page.headers["content-security-policy"]
+    arabic = await site.client.get("/archive/archived?lang=ar")
+    assert 'dir="rtl"' in arabic.text
+    index = await site.client.get("/archive")
+    assert index.status_code == 200 and "/archive/archived" in index.text
+    assert (await site.client.get("/archive/Not-An-Id")).status_code == 404

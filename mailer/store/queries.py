@@ -307,6 +307,28 @@ def send_window(conn: Connection, run_id: int) -> tuple[datetime | None, datetim
     return as_utc(first), as_utc(last)
 
 
+def first_sent(conn: Connection, campaign_id: str) -> datetime | None:
+    """When the campaign's first message was delivered; None if none was."""
+    d = deliveries
+    value = conn.execute(
+        select(func.min(d.c.sent_at)).select_from(d.join(runs, runs.c.id == d.c.run_id))
+        .where(runs.c.campaign_id == campaign_id, d.c.status == DeliveryStatus.SENT)
+    ).scalar()
+    return as_utc(value)
+
+
+def sent_campaigns(conn: Connection) -> list[tuple[str, datetime]]:
+    """Every campaign with a delivered message, newest first, with its first delivery."""
+    d = deliveries
+    first = func.min(d.c.sent_at)
+    rows = conn.execute(
+        select(runs.c.campaign_id, first).select_from(d.join(runs, runs.c.id == d.c.run_id))
+        .where(d.c.status == DeliveryStatus.SENT).group_by(runs.c.campaign_id)
+        .order_by(first.desc())
+    ).all()
+    return [(str(r[0]), as_utc(r[1]) or utcnow()) for r in rows]
+
+
 def failures_by_code(conn: Connection, run_id: int) -> list[tuple[int | None, int, str]]:
     d = deliveries
     rows = conn.execute(

@@ -14,6 +14,7 @@ from starlette.staticfiles import StaticFiles
 from .. import subscribers as subs
 from ..audience import email_key, normalise_address
 from ..tokens import ManageToken, TokenError
+from . import archive
 from .app import (
     HERE,
     client_ip,
@@ -40,6 +41,7 @@ def routes() -> list[BaseRoute]:
         Route("/confirm/{token}", confirm, methods=["GET"]),
         Route("/unsubscribe/{token}", unsubscribe, methods=["GET", "POST"]),
         Route("/preferences/{token}", preferences, methods=["GET", "POST"]),
+        *archive.routes(),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 
