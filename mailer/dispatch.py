@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+import jinja2
 from sqlalchemy import Connection
 
 from .audience import Recipient
@@ -231,8 +232,16 @@ class Dispatcher:
                               fields=dict(row.fields or {}), list=row.list_name)
         mid = row.message_id or message_id(domain=self.settings.msgid_domain,
                                            run_id=None, delivery_id=None)
-        data = self.composer.compose(recipient, message_id=mid).data
         self._started += 1
+        try:
+            data = self.composer.compose(recipient, message_id=mid).data
+        except jinja2.TemplateError as exc:
+            # One recipient's data must not stop everyone else's mail: fail the row, say why.
+            log.error("run row %s: the message could not be built: %s", row.id, exc)
+            await self._commit.submit([q.Outcome(
+                id=row.id, status=DeliveryStatus.FAILED, smtp_code=None,
+                smtp_text=f"not sent: the message could not be built ({exc})"[:500])])
+            return
         try:
             result = await self.transport.send(Outgoing(
                 key=row.id, sender=self.settings.sender.address, recipient=row.email, data=data))

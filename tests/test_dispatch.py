@@ -285,3 +285,27 @@ def test_a_bad_row_late_in_a_list_leaves_no_half_written_run(project: Project) -
     with store.engine.connect() as conn:
         assert q.runs_of(conn, "crowd") == []
         assert conn.exec_driver_sql("select count(*) from deliveries").scalar() == 0
+
+
+async def test_a_recipient_missing_a_merge_field_fails_alone(project, fault_server):  # noqa: F811
+    from mailer.audience import Recipient
+    from mailer.dispatch import start_run
+
+    project.list_file("crowd.csv", "email,name,stadtteil\na@example.org,A,Hörde\n")
+    project.campaign("crowd.yaml", CAMPAIGN.replace("Liebe {{ recipient.name }}",
+                                                    "Liebe Menschen in {{ recipient.stadtteil }}"))
+    server = await fault_server()
+    settings = project.settings(**env_for(server))
+    checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings)
+    store = open_store(settings.database_url)
+    people = [Recipient(email="a@example.org", fields={"stadtteil": "Hörde"}, list="crowd"),
+              Recipient(email="b@example.org", fields={}, list="crowd")]  # e.g. a stale row
+    run, _ = start_run(store, campaign_id="crowd", occurrence="once", trigger="send",
+                       recipients=people)
+    async with SmtpPool(settings.smtp) as pool:
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
+    assert result.counts["sent"] == 1 and result.counts["failed"] == 1
+    assert [m.rcpt_tos[0] for m in server.messages] == ["a@example.org"]
+    with store.engine.connect() as conn:
+        (row,) = q.failed_rows(conn, run.id)
+    assert "could not be built" in row[3] and "stadtteil" in row[3]
