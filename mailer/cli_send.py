@@ -71,9 +71,11 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], limit: int
     if result.recovered:
         click.echo(f"{result.recovered} messages were in flight when the previous process "
                    "stopped; they were sent again (some may arrive twice)")
-    if result.stopped:
-        click.echo(f"stopped; continue with: mailer send {campaign}")
     _where(settings)
+    if result.stopped:
+        click.echo(f"stopped before the end; continue with: mailer send {campaign}")
+        if limit is None:
+            sys.exit(130)  # interrupted (Ctrl-C / SIGTERM): not done, but nothing lost
 
 
 def _where(settings: Any) -> None:

@@ -1,0 +1,132 @@
+"""`mailer send`, `report` and `suppressions` as staff use them: a real process, real SMTP."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import os
+import signal
+import sys
+
+from tests.conftest import Project
+from tests.smtpd import Faults, FaultServer, fault_server  # noqa: F401  (fixture)
+
+CAMPAIGN = """\
+template: newsletter
+audience: {lists: [crowd]}
+content:
+  de:
+    subject: "Hallo {{ recipient.name }}"
+    blocks:
+      - heading: "Liebe {{ recipient.name }}"
+"""
+
+
+def crowd(project: Project, n: int) -> list[str]:
+    addresses = [f"person{i}@example.org" for i in range(n)]
+    rows = ["email,name"] + [f"{a},Person {i}" for i, a in enumerate(addresses)]
+    project.list_file("crowd.csv", "\n".join(rows) + "\n")
+    project.campaign("crowd.yaml", CAMPAIGN)
+    return addresses
+
+
+async def mailer(project: Project, server: FaultServer, *args: str,
+                 **env: str) -> tuple[int, str, str]:
+    full_env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config),
+                "MAILER_SMTP_HOST": server.host, "MAILER_SMTP_PORT": str(server.port),
+                "MAILER_SMTP_RATE_PER_SECOND": "5000", **env}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailer", *args, env=full_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_dry_run_sends_and_records_nothing(project: Project, fault_server) -> None:  # noqa: F811
+    crowd(project, 20)
+    server = await fault_server()
+    code, out, _ = await mailer(project, server, "send", "crowd", "--dry-run")
+    assert code == 0 and "20 messages would be sent" in out
+    assert server.messages == []
+    code, out, _ = await mailer(project, server, "report", "crowd")
+    assert "no runs yet" in out
+
+
+async def test_test_send_goes_only_to_the_given_address(project: Project, fault_server) -> None:  # noqa: F811
+    crowd(project, 20)
+    server = await fault_server()
+    code, out, _ = await mailer(project, server, "send", "crowd", "--to", "staff@example.org")
+    assert code == 0 and "sent" in out
+    (received,) = server.messages
+    assert received.rcpt_tos == ["staff@example.org"]
+    msg = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert msg["Subject"].startswith("[TEST] ")
+    code, out, _ = await mailer(project, server, "report", "crowd")
+    assert "no runs yet" in out  # a test send is not a run
+    code, _, err = await mailer(project, server, "send", "crowd", "--to", "not-an-address")
+    assert code == 1 and "not a valid address" in err and "Traceback" not in err
+
+
+async def test_limit_then_resume_then_report(project: Project, fault_server) -> None:  # noqa: F811
+    addresses = crowd(project, 30)
+    server = await fault_server(Faults(rcpt={"person7@example.org": (550, "5.1.1 no such user")}))
+    code, out, _ = await mailer(project, server, "send", "crowd", "--limit", "10")
+    assert code == 0 and len(server.messages) <= 10 and "continue with" in out
+    code, out, _ = await mailer(project, server, "send", "crowd")
+    assert code == 0 and "resuming run" in out
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
+        a for a in addresses if a != "person7@example.org")
+    code, out, _ = await mailer(project, server, "report", "crowd", "--json", "--failed")
+    report = json.loads(out)
+    assert report["totals"] == {"pending": 0, "sending": 0, "sent": 29, "failed": 1}
+    (run,) = report["runs"]
+    assert run["failures"][0]["code"] == 550
+    assert run["failed"][0]["email"] == "person7@example.org"
+    code, out, _ = await mailer(project, server, "suppressions", "list")
+    assert "person7@example.org" in out and "hard_bounce" in out
+    code, out, _ = await mailer(project, server, "send", "crowd")
+    assert code == 0 and "already went out" in out  # a one-off is only sent once
+
+
+async def test_retry_failed_and_manual_suppressions(project: Project, fault_server) -> None:  # noqa: F811
+    crowd(project, 5)
+    server = await fault_server(Faults(rcpt={"person1@example.org": (554, "5.7.1 policy"),
+                                             "person2@example.org": (554, "5.7.1 policy")}))
+    await mailer(project, server, "send", "crowd")
+    assert len(server.messages) == 3
+    code, out, _ = await mailer(project, server, "suppressions", "add", "person2@example.org")
+    assert code == 0 and "1 added" in out
+    server.faults.rcpt.clear()
+    code, out, _ = await mailer(project, server, "send", "crowd", "--retry-failed")
+    assert code == 0 and "1 failed rows get another try" in out
+    assert "person1@example.org" in [m.rcpt_tos[0] for m in server.messages]
+    assert "person2@example.org" not in [m.rcpt_tos[0] for m in server.messages]
+    code, out, _ = await mailer(project, server, "suppressions", "remove", "person2@example.org")
+    assert code == 0 and "1 removed" in out
+
+
+async def test_sigint_finishes_in_flight_and_leaves_the_run_resumable(project: Project,
+                                                                       fault_server) -> None:  # noqa: F811
+    addresses = crowd(project, 400)
+    server = await fault_server(Faults(stall_s=0.02))
+    env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config),
+           "MAILER_SMTP_HOST": server.host, "MAILER_SMTP_PORT": str(server.port),
+           "MAILER_SMTP_RATE_PER_SECOND": "5000"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailer", "send", "crowd", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    for _ in range(400):
+        await asyncio.sleep(0.05)
+        if len(server.messages) >= 40:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 130 and b"continue with" in out
+    assert 0 < len(server.messages) < len(addresses)
+    code, out, _ = await mailer(project, server, "send", "crowd")
+    assert code == 0 and "in flight" not in out  # a graceful stop leaves nothing in doubt
+    received = [m.rcpt_tos[0] for m in server.messages]
+    assert sorted(received) == sorted(addresses)  # everyone once, nobody twice
