@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .cli import Ctx, pass_ctx, user_errors
+from .cli_base import Ctx, pass_ctx, user_errors
 
 
 class UtcFormatter(logging.Formatter):

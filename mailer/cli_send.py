@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .cli import Ctx, fail, pass_ctx, user_errors
+from .cli_base import Ctx, fail, pass_ctx, user_errors
 
 
 def _store(ctx: Ctx) -> Any:

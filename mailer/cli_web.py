@@ -6,12 +6,14 @@ import asyncio
 import csv
 import io
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .cli import Ctx, fail, pass_ctx, user_errors
+from .cli_base import Ctx, fail, pass_ctx, user_errors
 
 
 def _store(ctx: Ctx) -> Any:
@@ -38,8 +40,24 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     port = port or settings.web.port
     click.echo(f"serving on http://{host}:{port}/subscribe "
                f"(links in mails use {settings.base_url})")
-    uvicorn.run(app, host=host, port=port, proxy_headers=True, server_header=False,
-                log_level="info")
+    config = uvicorn.Config(app, host=host, port=port, proxy_headers=True, server_header=False,
+                            log_level="info")
+    # Tokens carry the subscriber's address: access lines show the path without them.
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    uvicorn.Server(config).run()
+
+
+class RedactTokens(logging.Filter):
+    """Replaces the token in /unsubscribe/…, /preferences/… and /confirm/… with '…'."""
+
+    PATTERN = re.compile(r"/(unsubscribe|preferences|confirm)/[^\s\"?]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"/\1/…", a) if isinstance(a, str) else a
+                                for a in record.args)
+        record.msg = self.PATTERN.sub(r"/\1/…", str(record.msg))
+        return True
 
 
 @click.group()

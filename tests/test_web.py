@@ -365,3 +365,16 @@ async def test_archive_shows_only_sent_campaigns_unpersonalised(project: Project
     index = await site.client.get("/archive")
     assert index.status_code == 200 and "/archive/archived" in index.text
     assert (await site.client.get("/archive/Not-An-Id")).status_code == 404
+
+
+def test_access_log_lines_carry_no_tokens() -> None:
+    import logging
+
+    from mailer.cli_web import RedactTokens
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                               '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "POST", "/unsubscribe/WyJhQGV4YW1wbGUub3JnIl0.sig",
+                                "1.1", 200), None)
+    assert RedactTokens().filter(record)
+    assert "WyJ" not in record.getMessage() and "/unsubscribe/…" in record.getMessage()

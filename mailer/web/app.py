@@ -65,13 +65,13 @@ class Web:
     async def send_confirmation(self, *, email: str, name: str, language: str,
                                 lists: Sequence[str], nonce: str) -> None:
         if self.transport is None:
-            log.error("no transport: confirmation mail to %s not sent", email)
+            log.error("no transport: a confirmation mail was not sent")
             return
         try:
             await send_confirmation(self.transport, self.settings, self.tokens, email=email,
                                     name=name, language=language, lists=lists, nonce=nonce)
         except Exception:  # the page has been answered already; the log is all we can do
-            log.exception("confirmation mail to %s failed", email)
+            log.exception("a confirmation mail failed")
 
 
 def create_app(
