@@ -309,3 +309,13 @@ async def test_a_recipient_missing_a_merge_field_fails_alone(project, fault_serv
     with store.engine.connect() as conn:
         (row,) = q.failed_rows(conn, run.id)
     assert "could not be built" in row[3] and "stadtteil" in row[3]
+
+
+async def test_a_relay_saying_421_on_connect_slows_the_run_down_not_fails_it(
+        project, fault_server):  # noqa: F811
+    crowd(project, 20)
+    server = await fault_server(Faults(connect_421=3))
+    _, _, result = await send_all(project, server)
+    assert result.counts["sent"] == 20 and result.counts["failed"] == 0
+    assert server.connections > 3  # it came back after the refusals
+    assert len({m.rcpt_tos[0] for m in server.messages}) == 20
