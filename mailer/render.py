@@ -358,10 +358,10 @@ def _event_context(
     if end is not None and end.date() != start.date():
         time += " – " + format_date(end.date(), format="long", locale=locale)
     where = ", ".join(x for x in (event.place, event.address) if x)
-    description = None
+    description = source = None
     if event.description:
-        description = Markup(_markdown.render(
-            snippets.protect(event.description, (*loc, "event", "description"))))
+        source = snippets.protect(event.description, (*loc, "event", "description"))
+        description = Markup(_markdown.render(source))
     return {
         "kind": "event",
         "index": index,
@@ -374,6 +374,7 @@ def _event_context(
         "map_url": "https://www.openstreetmap.org/search?query=" + urllib.parse.quote(where),
         "ics_name": ics_name(event, index) if event.calendar else None,
         "description": description,
+        "description_source": source,
     }
 
 
@@ -432,8 +433,8 @@ def _text_block(block: dict[str, Any], t: dict[str, str]) -> Iterator[str]:
         yield f"{t.get('map', 'Karte')}: {block['map_url']}"
         if block["ics_name"] and t.get("calendar_attached"):
             yield _wrap(t["calendar_attached"])
-        if block["description"]:
-            yield html_to_text_fallback(str(block["description"]))
+        if block["description_source"]:
+            yield markdown_to_text(block["description_source"]).rstrip()
     elif kind == "divider":
         yield "* * *"
 
@@ -510,10 +511,6 @@ def _inline_text(children: list[Any]) -> str:
         elif child.type == "image":
             out.append(f"[{child.content}]")
     return "".join(out)
-
-
-def html_to_text_fallback(html: str) -> str:
-    return re.sub(r"<[^>]+>", "", html).strip()
 
 
 # --- attachments ----------------------------------------------------------------------------

@@ -158,3 +158,26 @@ def test_long_lines_are_wrapped_for_smtp(people: Project) -> None:
 
 def test_campaign_files_are_found(shipped: Project) -> None:
     assert [p.name for p in campaign_files(shipped.settings())] == SHIPPED
+
+
+def test_event_description_reads_well_in_both_parts(project: Project) -> None:
+    project.list_file("people.csv", "email,name\na@example.org,A\n")
+    project.campaign("fest.yaml", """\
+template: invitation
+audience: {lists: [people]}
+content:
+  de:
+    subject: "Straßenfest"
+    blocks:
+      - event: {title: "Interkulturelles Straßenfest", start: "2027-06-12 14:00",
+                end: "2027-06-12 20:00", place: "Nordmarkt",
+                description: "Mit **Musik** und dem [Programm](https://imag.example.org/fest)."}
+""")
+    settings = project.settings()
+    checked = check_campaign(settings.campaigns_dir / "fest.yaml", settings)
+    composer = Composer(checked.rendition, settings, tokens=Tokens("k"))
+    msg = parse(composer.compose(checked.recipients[0], message_id="<1@x>").data)
+    text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "Mit Musik und dem Programm: https://imag.example.org/fest." in text
+    assert "<strong>Musik</strong>" in html and "Samstag, 12. Juni 2027" in text
