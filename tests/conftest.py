@@ -15,6 +15,16 @@ from mailer.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ENV = "MAILER_TEST_POSTGRES_URL"
+CROWD_CAMPAIGN = """\
+template: newsletter
+audience: {lists: [crowd]}
+content:
+  de:
+    subject: "Hallo {{ recipient.name }}"
+    blocks:
+      - heading: "Liebe {{ recipient.name }}"
+      - text: "Das **FORUM INTEGRATION** lädt ein."
+"""
 
 
 @dataclass
@@ -35,6 +45,16 @@ class Project:
         path = self.root / "campaigns" / name
         path.write_text(text, encoding="utf-8")
         return path
+
+    def crowd(self, n: int, *, special: dict[int, str] | None = None) -> list[str]:
+        """A list `crowd` of n addresses (some replaced by `special`) and campaign `crowd`."""
+        addresses = [f"person{i}@example.org" for i in range(n)]
+        for i, address in (special or {}).items():
+            addresses[i] = address
+        rows = ["email,name,language"] + [f"{a},Person {i},de" for i, a in enumerate(addresses)]
+        self.list_file("crowd.csv", "\n".join(rows) + "\n")
+        self.campaign("crowd.yaml", CROWD_CAMPAIGN)
+        return addresses
 
     def list_file(self, name: str, text: str | bytes) -> Path:
         path = self.root / "lists" / name

@@ -13,24 +13,6 @@ import sys
 from tests.conftest import Project
 from tests.smtpd import Faults, FaultServer, fault_server  # noqa: F401  (fixture)
 
-CAMPAIGN = """\
-template: newsletter
-audience: {lists: [crowd]}
-content:
-  de:
-    subject: "Hallo {{ recipient.name }}"
-    blocks:
-      - heading: "Liebe {{ recipient.name }}"
-"""
-
-
-def crowd(project: Project, n: int) -> list[str]:
-    addresses = [f"person{i}@example.org" for i in range(n)]
-    rows = ["email,name"] + [f"{a},Person {i}" for i, a in enumerate(addresses)]
-    project.list_file("crowd.csv", "\n".join(rows) + "\n")
-    project.campaign("crowd.yaml", CAMPAIGN)
-    return addresses
-
 
 async def mailer(project: Project, server: FaultServer, *args: str,
                  **env: str) -> tuple[int, str, str]:
@@ -46,7 +28,7 @@ async def mailer(project: Project, server: FaultServer, *args: str,
 
 
 async def test_dry_run_sends_and_records_nothing(project: Project, fault_server) -> None:  # noqa: F811
-    crowd(project, 20)
+    project.crowd(20)
     server = await fault_server()
     code, out, _ = await mailer(project, server, "send", "crowd", "--dry-run")
     assert code == 0 and "20 messages would be sent" in out
@@ -56,7 +38,7 @@ async def test_dry_run_sends_and_records_nothing(project: Project, fault_server)
 
 
 async def test_test_send_goes_only_to_the_given_address(project: Project, fault_server) -> None:  # noqa: F811
-    crowd(project, 20)
+    project.crowd(20)
     server = await fault_server()
     code, out, _ = await mailer(project, server, "send", "crowd", "--to", "staff@example.org")
     assert code == 0 and "sent" in out
@@ -71,7 +53,7 @@ async def test_test_send_goes_only_to_the_given_address(project: Project, fault_
 
 
 async def test_limit_then_resume_then_report(project: Project, fault_server) -> None:  # noqa: F811
-    addresses = crowd(project, 30)
+    addresses = project.crowd(30)
     server = await fault_server(Faults(rcpt={"person7@example.org": (550, "5.1.1 no such user")}))
     code, out, _ = await mailer(project, server, "send", "crowd", "--limit", "10")
     assert code == 0 and len(server.messages) <= 10 and "continue with" in out
@@ -92,7 +74,7 @@ async def test_limit_then_resume_then_report(project: Project, fault_server) -> 
 
 
 async def test_retry_failed_and_manual_suppressions(project: Project, fault_server) -> None:  # noqa: F811
-    crowd(project, 5)
+    project.crowd(5)
     server = await fault_server(Faults(rcpt={"person1@example.org": (554, "5.7.1 policy"),
                                              "person2@example.org": (554, "5.7.1 policy")}))
     await mailer(project, server, "send", "crowd")
@@ -110,7 +92,7 @@ async def test_retry_failed_and_manual_suppressions(project: Project, fault_serv
 
 async def test_sigint_finishes_in_flight_and_leaves_the_run_resumable(project: Project,
                                                                        fault_server) -> None:  # noqa: F811
-    addresses = crowd(project, 400)
+    addresses = project.crowd(400)
     server = await fault_server(Faults(stall_s=0.02))
     env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config),
            "MAILER_SMTP_HOST": server.host, "MAILER_SMTP_PORT": str(server.port),

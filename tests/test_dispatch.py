@@ -19,29 +19,9 @@ from mailer.sending import plan_run
 from mailer.store import open_store
 from mailer.store import queries as q
 from mailer.transport import SmtpPool
+from tests.conftest import CROWD_CAMPAIGN as CAMPAIGN
 from tests.conftest import Project, both_databases
 from tests.smtpd import Faults, FaultServer, fault_server  # noqa: F401  (fixture)
-
-CAMPAIGN = """\
-template: newsletter
-audience: {lists: [crowd]}
-content:
-  de:
-    subject: "Hallo {{ recipient.name }}"
-    blocks:
-      - heading: "Liebe {{ recipient.name }}"
-      - text: "Das **FORUM INTEGRATION** lädt ein."
-"""
-
-
-def crowd(project: Project, n: int, *, special: dict[int, str] | None = None) -> list[str]:
-    addresses = [f"person{i}@example.org" for i in range(n)]
-    for i, address in (special or {}).items():
-        addresses[i] = address
-    rows = ["email,name,language"] + [f"{a},Person {i},de" for i, a in enumerate(addresses)]
-    project.list_file("crowd.csv", "\n".join(rows) + "\n")
-    project.campaign("crowd.yaml", CAMPAIGN)
-    return addresses
 
 
 def env_for(server: FaultServer, **extra: str) -> dict[str, str]:
@@ -63,7 +43,7 @@ async def send_all(project: Project, server: FaultServer, **env: str):
 
 @both_databases
 async def test_every_recipient_gets_exactly_one_mail(project, fault_server):  # noqa: F811
-    addresses = crowd(project, 60)
+    addresses = project.crowd(60)
     server = await fault_server()
     _, store, result = await send_all(project, server)
     received = Counter(m.rcpt_tos[0] for m in server.messages)
@@ -77,7 +57,7 @@ async def test_every_recipient_gets_exactly_one_mail(project, fault_server):  # 
 
 @both_databases
 async def test_starting_the_same_run_twice_adds_nothing(project, fault_server):  # noqa: F811
-    crowd(project, 10)
+    project.crowd(10)
     server = await fault_server()
     settings, store, first = await send_all(project, server)
     checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings)
@@ -90,7 +70,7 @@ async def test_starting_the_same_run_twice_adds_nothing(project, fault_server): 
 
 @both_databases
 async def test_temporary_failures_are_retried_until_sent(project, fault_server):  # noqa: F811
-    crowd(project, 40)
+    project.crowd(40)
     server = await fault_server(Faults(temp_fail_share=0.3, drop_in_data_every=7))
     _, store, result = await send_all(project, server)
     assert result.counts["sent"] == 40
@@ -102,7 +82,7 @@ async def test_temporary_failures_are_retried_until_sent(project, fault_server):
 
 @both_databases
 async def test_no_such_user_fails_and_suppresses(project, fault_server):  # noqa: F811
-    addresses = crowd(project, 12, special={3: "gone@example.org"})
+    addresses = project.crowd(12, special={3: "gone@example.org"})
     server = await fault_server(Faults(rcpt={"gone@example.org": (550, "5.1.1 no such user")}))
     settings, store, result = await send_all(project, server)
     assert result.counts["failed"] == 1 and result.counts["sent"] == 11
@@ -117,7 +97,7 @@ async def test_no_such_user_fails_and_suppresses(project, fault_server):  # noqa
 
 
 async def test_policy_rejection_fails_without_suppressing(project, fault_server):  # noqa: F811
-    crowd(project, 3, special={0: "policy@example.org"})
+    project.crowd(3, special={0: "policy@example.org"})
     server = await fault_server(Faults(rcpt={"policy@example.org": (550, "5.7.1 rejected")}))
     _, store, result = await send_all(project, server)
     assert result.counts["failed"] == 1
@@ -126,7 +106,7 @@ async def test_policy_rejection_fails_without_suppressing(project, fault_server)
 
 
 async def test_gives_up_after_max_attempts(project, fault_server):  # noqa: F811
-    crowd(project, 3, special={1: "busy@example.org"})
+    project.crowd(3, special={1: "busy@example.org"})
     server = await fault_server(Faults(rcpt={"busy@example.org": (451, "4.3.0 busy")}))
     _, store, result = await send_all(project, server, MAILER_SMTP_MAX_ATTEMPTS="3")
     assert result.counts == {"pending": 0, "sending": 0, "sent": 2, "failed": 1}
@@ -137,7 +117,7 @@ async def test_gives_up_after_max_attempts(project, fault_server):  # noqa: F811
 
 
 async def test_stalling_server_times_out_and_retries(project, fault_server):  # noqa: F811
-    crowd(project, 2)
+    project.crowd(2)
     server = await fault_server(Faults(stall_s=1.0))
     settings = project.settings(**env_for(server, MAILER_SMTP_TIMEOUT_S="0.3"))
     checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings)
@@ -157,7 +137,7 @@ async def test_stalling_server_times_out_and_retries(project, fault_server):  # 
 
 
 async def test_auth_failure_stops_and_leaves_the_run_resumable(project, fault_server):  # noqa: F811
-    crowd(project, 5)
+    project.crowd(5)
     server = await fault_server(Faults(auth=("imag", "right")))
     env = env_for(server, MAILER_SMTP_USERNAME="imag", MAILER_SMTP_PASSWORD="wrong")
     with pytest.raises(AuthenticationFailure):
@@ -175,7 +155,7 @@ async def test_auth_failure_stops_and_leaves_the_run_resumable(project, fault_se
 
 
 async def test_suppressed_after_snapshot_is_never_sent(project, fault_server):  # noqa: F811
-    crowd(project, 5)
+    project.crowd(5)
     server = await fault_server()
     settings = project.settings(**env_for(server))
     checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings)
@@ -191,7 +171,7 @@ async def test_suppressed_after_snapshot_is_never_sent(project, fault_server):  
 
 
 async def test_headers_of_a_delivered_mail(project, fault_server):  # noqa: F811
-    crowd(project, 1, special={0: "anna.lena+news@example.org"})
+    project.crowd(1, special={0: "anna.lena+news@example.org"})
     server = await fault_server()
     await send_all(project, server)
     (received,) = server.messages
@@ -219,7 +199,7 @@ async def _mailer(project: Project, server: FaultServer, *args: str) -> asyncio.
 @both_databases
 async def test_sigkill_mid_run_then_restart_sends_everyone_once(project, fault_server):  # noqa: F811
     n = 3000
-    addresses = crowd(project, n)
+    addresses = project.crowd(n)
     server = await fault_server()
     proc = await _mailer(project, server)
     for _ in range(600):
@@ -252,7 +232,7 @@ async def test_sigkill_mid_run_then_restart_sends_everyone_once(project, fault_s
 @both_databases
 async def test_two_dispatchers_on_one_run_share_it_without_duplicates(project, fault_server):  # noqa: F811
     """A fire and a resume of the same run in one process must not take each other's rows."""
-    addresses = crowd(project, 500)  # more than one claim batch (200)
+    addresses = project.crowd(500)  # more than one claim batch (200)
     fast_server = await fault_server()
     slow_server = await fault_server(Faults(stall_s=0.05))
     settings = project.settings(**env_for(fast_server))
@@ -313,7 +293,7 @@ async def test_a_recipient_missing_a_merge_field_fails_alone(project, fault_serv
 
 async def test_a_relay_saying_421_on_connect_slows_the_run_down_not_fails_it(
         project, fault_server):  # noqa: F811
-    crowd(project, 20)
+    project.crowd(20)
     server = await fault_server(Faults(connect_421=3))
     _, _, result = await send_all(project, server)
     assert result.counts["sent"] == 20 and result.counts["failed"] == 0
