@@ -8,7 +8,7 @@ from pathlib import Path
 from .audience import Recipient, columns, resolve
 from .campaign import Campaign, load_campaign
 from .config import Settings
-from .render import Rendition, check_merge_fields, render_campaign
+from .render import Links, Rendition, check_merge_fields, personalise, render_campaign
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,33 @@ def sample_recipient(campaign: Campaign, settings: Settings) -> Recipient:
     )
 
 
+CLIP_BYTES = 100 * 1024  # Gmail shows "[Message clipped]" past ~102 KB of HTML
+
+
+def size_warnings(rendition: Rendition, sample: Recipient) -> list[str]:
+    """Mail programs cut off long HTML: say so per language before it goes out."""
+    from .compose import b64, qp
+
+    links = Links("https://x.example.org/u", "https://x.example.org/p", "https://x.example.org/v")
+    out = []
+    for lr in rendition.languages.values():
+        html = personalise(lr, sample, links).html
+        size = len(qp(html) if lr.html_mostly_ascii else b64(html.encode("utf-8")))
+        if size > CLIP_BYTES:
+            out.append(f"{rendition.campaign.source}: the '{lr.lang}' mail has {size // 1024} KB "
+                       "of HTML; Gmail cuts it off after about 100 KB (shorten the text or split "
+                       "the newsletter)")
+    return out
+
+
 def check_campaign(path: Path, settings: Settings, *, with_audience: bool = True) -> Checked:
     """Load, render and merge-check one campaign; raises a UserError at the first problem."""
     warnings: list[str] = []
     campaign = load_campaign(path, settings, warnings=warnings)
     rendition = render_campaign(campaign, settings)
-    check_merge_fields(rendition, sample_recipient(campaign, settings))
+    sample = sample_recipient(campaign, settings)
+    check_merge_fields(rendition, sample)
+    warnings += size_warnings(rendition, sample)
     recipients = (
         resolve(campaign.audience.lists, settings, languages=campaign.audience.languages)
         if with_audience else []

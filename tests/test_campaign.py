@@ -166,3 +166,14 @@ def test_merge_columns_come_from_the_header_of_every_list(project: Project) -> N
     settings = project.settings()
     assert columns(["one"], settings) == {"stadtteil", "verein"}
     assert columns(["one", "two"], settings) == {"stadtteil"}
+
+
+def test_a_mail_too_long_for_gmail_gets_a_warning(project: Project) -> None:
+    paragraph = "Das FORUM INTEGRATION lädt ein. " * 40
+    blocks = "".join(f"      - text: \"{paragraph}\"\n" for _ in range(80))
+    project.campaign("long.yaml", GOOD + blocks)
+    result = mailer_cli(project, "validate", "campaigns/long.yaml")
+    assert result.returncode == 0
+    assert "warning" in result.stderr and "Gmail cuts it off" in result.stderr
+    project.campaign("short.yaml", GOOD)
+    assert "Gmail" not in mailer_cli(project, "validate", "campaigns/short.yaml").stderr
