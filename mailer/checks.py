@@ -8,7 +8,13 @@ from pathlib import Path
 from .audience import Recipient, columns, resolve
 from .campaign import Campaign, load_campaign
 from .config import Settings
-from .render import Links, Rendition, check_merge_fields, personalise, render_campaign
+from .render import (
+    SAMPLE_LINKS,
+    Rendition,
+    check_merge_fields,
+    personalise,
+    render_campaign,
+)
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,9 @@ def size_warnings(rendition: Rendition, sample: Recipient) -> list[str]:
     """Mail programs cut off long HTML: say so per language before it goes out."""
     from .compose import b64, qp
 
-    links = Links("https://x.example.org/u", "https://x.example.org/p", "https://x.example.org/v")
     out = []
     for lr in rendition.languages.values():
-        html = personalise(lr, sample, links).html
+        html = personalise(lr, sample, SAMPLE_LINKS).html
         size = len(qp(html) if lr.html_mostly_ascii else b64(html.encode("utf-8")))
         if size > CLIP_BYTES:
             out.append(f"{rendition.campaign.source}: the '{lr.lang}' mail has {size // 1024} KB "

@@ -229,10 +229,8 @@ class Composer:
         return head + alt + self._tail
 
 
-def message_id(*, domain: str, run_id: int | None = None, delivery_id: int | None = None) -> str:
-    """Stable per ledger row (a retry keeps its Message-ID), random otherwise."""
-    if run_id is not None and delivery_id is not None:
-        return f"<{run_id}.{delivery_id}.{secrets.token_hex(4)}@{domain}>"
+def message_id(*, domain: str) -> str:
+    """A new Message-ID; the dispatcher stores it on the ledger row so a retry keeps it."""
     return f"<{secrets.token_hex(12)}@{domain}>"
 
 

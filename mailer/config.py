@@ -14,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .yamlsrc import Located, load_yaml, raise_validation
 
-SECRET_FIELDS = ("password",)
-
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -177,15 +175,14 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         located.data = {}
     if not isinstance(located.data, dict):
         raise ConfigError("the config must be a mapping of keys to values", path=path, line=1)
-    for key in ("secret_key",):
-        if key in located.data:
-            raise ConfigError(
-                "secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
-                              path=path, line=located.line((key,)), field=key)
+    if "secret_key" in located.data:
+        raise ConfigError(
+            "secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
+            path=path, line=located.line(("secret_key",)), field="secret_key")
     if "password" in (located.data.get("smtp") or {}):
         raise ConfigError(
             "secrets belong in the environment: remove it and set MAILER_SMTP_PASSWORD",
-                          path=path, line=located.line(("smtp", "password")), field="smtp.password")
+            path=path, line=located.line(("smtp", "password")), field="smtp.password")
     data = _env_overrides(located.data, env)
     try:
         settings = Settings.model_validate(data)

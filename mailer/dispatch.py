@@ -230,8 +230,7 @@ class Dispatcher:
     async def _deliver(self, row: q.Claimed) -> None:
         recipient = Recipient(email=row.email, name=row.name, language=row.language,
                               fields=dict(row.fields or {}), list=row.list_name)
-        mid = row.message_id or message_id(domain=self.settings.msgid_domain,
-                                           run_id=None, delivery_id=None)
+        mid = row.message_id or message_id(domain=self.settings.msgid_domain)
         self._started += 1
         try:
             data = self.composer.compose(recipient, message_id=mid).data

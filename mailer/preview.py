@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -122,6 +121,3 @@ def _shoot_cli(html: Path, target: Path, width: int) -> None:
         raise UserError(f"chromium could not take the screenshot of {html} "
                         f"(exit {result.returncode})")
 
-
-def chromium_available() -> bool:
-    return Path(CHROMIUM).exists() or shutil.which("chromium") is not None

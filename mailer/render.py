@@ -598,9 +598,13 @@ def personalise(lr: LangRendition, recipient: Recipient, links: Links) -> Person
     )
 
 
+SAMPLE_LINKS = Links("https://x.example.org/u", "https://x.example.org/p",
+                     "https://x.example.org/v")  # for checks, never sent
+
+
 def check_merge_fields(rendition: Rendition, sample: Recipient) -> None:
     """Render every language once for a sample recipient; name the field of a bad merge field."""
-    links = Links("https://x.example.org/u", "https://x.example.org/p", "https://x.example.org/v")
+    links = SAMPLE_LINKS
     campaign = rendition.campaign
     for lang in rendition.languages.values():
         try:

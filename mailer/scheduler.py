@@ -66,6 +66,7 @@ from .campaign import Campaign, campaign_files, resolve_local
 from .checks import Checked, check_campaign
 from .config import Settings, load_settings
 from .errors import UserError
+from .sending import ONCE  # the occurrence of a one-off campaign, shared with `mailer send`
 from .store import RunStatus, Store, open_store
 from .store import queries as q
 from .triggers import cron_trigger
@@ -73,7 +74,6 @@ from .triggers import cron_trigger
 log = logging.getLogger("mailer.scheduler")
 
 JOB_TABLE = "scheduler_jobs"
-ONCE = "once"  # the occurrence of a one-off campaign; the same as sending.ONCE
 MISSED_ONCE = "once-missed"  # a one-off recorded as missed; leaves "once" free for `mailer send`
 TRIGGER = "scheduler"
 
