@@ -181,3 +181,20 @@ content:
     html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "Mit Musik und dem Programm: https://imag.example.org/fest." in text
     assert "<strong>Musik</strong>" in html and "Samstag, 12. Juni 2027" in text
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium")
+def test_preview_png_at_desktop_and_phone_width(project: Project, tmp_path: Path) -> None:
+    import struct
+
+    project.list_file("people.csv", "email,name\na@example.org,A\n")
+    project.campaign("p.yaml", "template: newsletter\naudience: {lists: [people]}\n"
+                               "content: {ar: {subject: x, blocks: [{heading: مرحبا}]}}\n")
+    files = write_preview(project.settings(), "p", tmp_path, langs=[], recipient=None, png=True)
+    widths = {}
+    for path in files:
+        if path.suffix == ".png":
+            header = path.read_bytes()[:24]
+            assert header[:8] == b"\x89PNG\r\n\x1a\n"
+            widths[path.name] = struct.unpack(">I", header[16:20])[0]
+    assert widths == {"p.ar.600.png": 600, "p.ar.375.png": 375}
