@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -309,29 +311,41 @@ def _check_references(
                 i,
             )
     _check_schedule(campaign, settings, warnings)
-    attachment_paths(campaign)
+    read_attachments(campaign)
 
 
-def attachment_paths(campaign: Campaign) -> list[Path]:
-    base = campaign.source.parent if campaign.source else Path(".")
-    out, total = [], 0
+def read_attachments(campaign: Campaign) -> list[tuple[str, bytes]]:
+    """(file name, content) of each attachment: regular files inside the campaign's folder,
+    symlinks resolved, the size cap applied to what is actually read (not to what stat says)."""
+    base = (campaign.source.parent if campaign.source else Path(".")).resolve()
+    out: list[tuple[str, bytes]] = []
+    left = MAX_ATTACHMENTS_BYTES
     for i, name in enumerate(campaign.attachments):
-        path = base / name
-        if not path.is_file():
-            raise campaign.error(
-                f"attachment '{name}' does not exist (paths are relative to the campaign file)",
-                "attachments",
-                i,
-            )
-        total += path.stat().st_size
-        if total > MAX_ATTACHMENTS_BYTES:
-            raise campaign.error(
-                f"attachments add up to more than {MAX_ATTACHMENTS_BYTES // 2**20} MiB: "
-                "link to large files instead",
-                "attachments",
-                i,
-            )
-        out.append(path)
+        def fail(message: str, i: int = i) -> CampaignError:
+            return campaign.error(message, "attachments", i)
+
+        try:
+            path = (base / name).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise fail(f"attachment '{name}' does not exist (paths are relative to the "
+                       "campaign file)") from None
+        if not path.is_relative_to(base) or path == base:
+            raise fail(f"attachment '{name}' is outside the campaign's folder: put the file "
+                       f"next to the campaign file, e.g. in {base.name}/files/")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            raise fail(f"attachment '{name}' cannot be read ({exc.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise fail(f"attachment '{name}' is not a regular file")
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(left + 1)
+        left -= len(data)
+        if left < 0:
+            raise fail(f"attachments add up to more than {MAX_ATTACHMENTS_BYTES // 2**20} MiB: "
+                       "link to large files instead")
+        out.append((Path(name).name, data))
     return out
 
 

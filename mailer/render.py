@@ -13,7 +13,7 @@ import functools
 import re
 import textwrap
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,12 +22,14 @@ from typing import Any
 import jinja2
 import yaml
 from babel.dates import format_date, format_time
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 from mjml import mjml2html
 
 from .audience import Recipient
-from .campaign import RTL_LANGUAGES, Campaign, Event, attachment_paths, resolve_local
+from .campaign import RTL_LANGUAGES, Campaign, Event, read_attachments, resolve_local
 from .config import Settings
 from .errors import CampaignError, TemplateError
 
@@ -89,9 +91,52 @@ class Personalised:
 # --- stage 2: the per-recipient templates -------------------------------------------------
 
 
+# What staff may write in a campaign field: merge fields, a few filters, {% if %}. Anything that
+# could reach Python objects, loop, call or multiply output is refused at validation time, and
+# the sandbox below refuses it again at render time.
+STAFF_NAMES = frozenset({"recipient", "links"})
+STAFF_FILTERS = frozenset({"capitalize", "d", "default", "e", "escape", "first", "last", "length",
+                           "lower", "title", "trim", "truncate", "upper"})
+STAFF_TESTS = frozenset({"defined", "undefined", "none", "string", "number", "eq", "ne",
+                         "equalto", "in", "lower", "upper"})
+_STAFF_NODES = (nodes.Template, nodes.Output, nodes.TemplateData, nodes.If, nodes.Name,
+                nodes.Getattr, nodes.Getitem, nodes.Const, nodes.Filter, nodes.Test,
+                nodes.Compare, nodes.Operand, nodes.And, nodes.Or, nodes.Not, nodes.CondExpr,
+                nodes.Concat, nodes.Keyword)
+
+
+_NODE_WORDS = {"Call": "calling a function", "For": "a loop ({% for %})",
+               "Assign": "{% set %}", "AssignBlock": "{% set %}", "Macro": "a macro",
+               "Include": "{% include %}", "Import": "{% import %}", "Extends": "{% extends %}",
+               "Mul": "multiplying", "Pow": "'**'", "Mod": "'%' formatting"}
+
+
+class _StaffSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's sandbox narrowed to mappings: `recipient.name` reads a key, never an attribute."""
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        return False
+
+    def is_safe_callable(self, obj: Any) -> bool:
+        return False
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping) and attribute in obj:
+            return obj[attribute]
+        return self.undefined(obj=obj, name=attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(obj, Mapping):
+            return self.getattr(obj, argument) if isinstance(argument, str) else \
+                self.undefined(obj=obj, name=argument)
+        if isinstance(obj, str) and isinstance(argument, int | slice):
+            return obj[argument]
+        return self.undefined(obj=obj, name=argument)
+
+
 @functools.cache
 def _stage2(autoescape: bool) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = _StaffSandbox(
         autoescape=autoescape,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -99,6 +144,32 @@ def _stage2(autoescape: bool) -> jinja2.Environment:
         comment_start_string="{#\x00",
         comment_end_string="\x00#}",
     )
+    env.globals.clear()
+    env.filters = {k: v for k, v in env.filters.items() if k in STAFF_FILTERS}
+    env.tests = {k: v for k, v in env.tests.items() if k in STAFF_TESTS}
+    return env
+
+
+def staff_template_problem(ast: nodes.Template) -> str | None:
+    """Why a parsed staff snippet reaches past merge fields, or None when it does not."""
+    for node in ast.find_all(nodes.Node):
+        if isinstance(node, nodes.Name) and node.name not in STAFF_NAMES:
+            return f"'{node.name}' is not a merge field (use recipient.<column>)"
+        if isinstance(node, nodes.Getattr | nodes.Getitem):
+            attr = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", "")
+            if isinstance(attr, str) and attr.startswith("_"):
+                return f"'{attr}' is not a merge field"
+        if isinstance(node, nodes.Filter) and node.name not in STAFF_FILTERS:
+            return (f"the filter '{node.name}' is not available in campaigns (available: "
+                    f"{', '.join(sorted(STAFF_FILTERS))})")
+        if isinstance(node, nodes.Test) and node.name not in STAFF_TESTS:
+            return f"the test '{node.name}' is not available in campaigns"
+        if not isinstance(node, _STAFF_NODES):
+            what = _NODE_WORDS.get(type(node).__name__, f"'{type(node).__name__.lower()}'")
+            return (f"{what} is not allowed: campaign text may only use merge "
+                    "fields such as {{ recipient.name }}, filters such as "
+                    "{{ recipient.name | default('Freundinnen und Freunde') }} and {% if %}")
+    return None
 
 
 class Snippets:
@@ -128,13 +199,16 @@ class Snippets:
         if "{" not in text:
             return
         try:
-            _stage2(False).parse(text)
+            ast = _stage2(False).parse(text)
         except jinja2.TemplateSyntaxError as exc:
             raise self.campaign.error(
                 f"merge field syntax error: {exc.message} (write merge fields like "
                 "{{ recipient.name }})",
                 *loc,
             ) from None
+        problem = staff_template_problem(ast)
+        if problem:
+            raise self.campaign.error(problem, *loc)
 
     def template(self, compiled: str, *, autoescape: bool) -> jinja2.Template:
         parts: list[str] = []
@@ -144,7 +218,20 @@ class Snippets:
             parts.append(self.sources[int(match.group(1))])
             last = match.end()
         parts.append(_raw(compiled[last:]))
-        return _stage2(autoescape).from_string("".join(parts))
+        return self.compile("".join(parts), (), autoescape=autoescape)
+
+    def compile(self, source: str, loc: tuple[str | int, ...], *,
+                autoescape: bool) -> jinja2.Template:
+        """Compile what will actually run, checking it once more as a whole."""
+        env = _stage2(autoescape)
+        try:
+            ast = env.parse(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise self.campaign.error(f"merge field syntax error: {exc.message}", *loc) from None
+        problem = staff_template_problem(ast)
+        if problem:
+            raise self.campaign.error(problem, *loc)
+        return env.from_string(ast)
 
 
 def _raw(literal: str) -> str:
@@ -233,7 +320,7 @@ def _render_language(campaign: Campaign, settings: Settings, lang: str) -> LangR
     return LangRendition(
         lang=lang,
         dir=context["dir"],
-        subject=_stage2(False).from_string(subject_src),
+        subject=snippets.compile(subject_src, (*loc, "subject"), autoescape=False),
         html=snippets.template(html, autoescape=True),
         text=snippets.template(text, autoescape=False),
         static_subject=None if "{" in subject_src else subject_src,
@@ -519,9 +606,9 @@ def _inline_text(children: list[Any]) -> str:
 def _attachments(campaign: Campaign, settings: Settings) -> Iterator[Attachment]:
     import mimetypes
 
-    for path in attachment_paths(campaign):
-        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        yield Attachment(filename=path.name, content_type=ctype, data=path.read_bytes())
+    for name, data in read_attachments(campaign):
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        yield Attachment(filename=name, content_type=ctype, data=data)
     seen: set[int] = set()
     for lang in campaign.languages[:1]:
         for i, block in enumerate(campaign.content[lang].blocks):

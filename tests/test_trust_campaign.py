@@ -1,0 +1,162 @@
+"""Campaign files are data, not code: a sandbox for merge fields, attachments kept in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mailer.audience import Recipient
+from mailer.checks import check_campaign
+from mailer.errors import CampaignError
+from mailer.render import SAMPLE_LINKS, personalise
+from tests.conftest import Project
+from tests.test_campaign import GOOD, mailer_cli
+
+PWNED = "pwned-by-template"
+# Each reaches for Python objects or for output that grows without bound.
+HOSTILE = [
+    "{{ cycler.__init__.__globals__.os.popen('touch " + PWNED + "').read() }}",
+    "{{ recipient.__class__.__mro__[1].__subclasses__() }}",
+    "{{ recipient['__class__'] }}",
+    "{{ recipient.name.__class__ }}",
+    "{{ recipient.items() }}",
+    "{{ lipsum() }}",
+    "{{ range(10) }}",
+    "{% for i in recipient.name %}{{ i }}{% endfor %}",
+    "{% set x = 1 %}",
+    "{{ recipient.name * 1000000000 }}",
+    "{{ '%0999999999d' % 1 }}",
+    "{{ 9 ** 9 ** 9 }}",
+    "{{ recipient.name | replace('', 'aaaaaaaaaa') | replace('', 'aaaaaaaaaa') }}",
+    "{{ recipient.name | join('aaaa') }}",
+    "{{ recipient.name | attr('upper') }}",
+    "{{ self }}",
+    "{% include 'base.mjml.j2' %}",
+    "{% macro m() %}{% endmacro %}",
+]
+
+
+@pytest.mark.parametrize("snippet", HOSTILE)
+@pytest.mark.parametrize("where", ["subject", "heading", "text"])
+def test_hostile_merge_field_is_a_validation_error(project: Project, snippet: str,
+                                                   where: str) -> None:
+    text = GOOD
+    if where == "subject":
+        text = text.replace('"Hallo {{ recipient.name }}"', repr(snippet).replace("\\\\", "\\"))
+    elif where == "heading":
+        text = text.replace('"Liebe Freundinnen und Freunde"', repr(snippet))
+    else:
+        text = text.replace('"Das **FORUM INTEGRATION** lädt ein."', repr(snippet))
+    project.campaign("evil.yaml", text)
+    result = mailer_cli(project, "validate", "campaigns/evil.yaml")
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    first = result.stderr.strip().splitlines()[0]
+    line = {"subject": 5, "heading": 7, "text": 8}[where]
+    assert "evil.yaml" in first and f"line {line}" in first, first
+    assert not (project.root / PWNED).exists()
+
+
+def test_allowed_merge_fields_filters_and_conditions_still_work(project: Project) -> None:
+    snippet = ("{% if recipient.name %}Liebe {{ recipient.name | title }}{% else %}Hallo"
+               "{% endif %} ({{ recipient.email | lower | truncate(40) }}, "
+               "{{ recipient.stadtteil | default('Dortmund') ~ '!' }})")
+    project.campaign("ok.yaml", GOOD.replace('"Liebe Freundinnen und Freunde"', repr(snippet)))
+    checked = check_campaign(project.root / "campaigns" / "ok.yaml", project.settings())
+    lr = checked.rendition.for_language("de")
+    out = personalise(lr, Recipient("Anna@Example.org", "anna yilmaz", "de", list="partners"),
+                      SAMPLE_LINKS)
+    assert "Liebe Anna Yilmaz (anna@example.org, Dortmund!)" in out.text
+
+
+def test_sandbox_refuses_at_render_time_too(project: Project) -> None:
+    """A template that slipped past validation still cannot reach Python objects."""
+    import jinja2
+
+    from mailer.render import _stage2
+
+    env = _stage2(False)
+    for source in ("{{ recipient.__class__ }}", "{{ recipient.items() }}", "{{ range(3) }}"):
+        with pytest.raises(jinja2.TemplateError):
+            env.from_string(source).render(recipient={"name": "x"})
+    assert env.from_string("{{ recipient.items }}").render(recipient={"items": "ok"}) == "ok"
+
+
+def test_archive_page_never_runs_a_campaign_template(project: Project) -> None:
+    """The public archive re-renders campaigns; a hostile subject is refused there as well."""
+    from mailer.campaign import load_campaign
+    from mailer.render import render_campaign
+
+    path = project.campaign("evil.yaml", GOOD.replace(
+        '"Hallo {{ recipient.name }}"', repr(HOSTILE[0])))
+    campaign = load_campaign(path, project.settings())
+    with pytest.raises(CampaignError, match="calling a function is not allowed"):
+        render_campaign(campaign, project.settings())
+    assert not (project.root / PWNED).exists()
+
+
+# --- attachments ----------------------------------------------------------------------------
+
+
+def attach(project: Project, name: str) -> Path:
+    return project.campaign("att.yaml", GOOD + f"attachments: [{name!r}]\n")
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../config.yaml", "../../../../etc/hostname",
+                                  "/proc/self/environ", "files/../../config.yaml"])
+def test_attachment_outside_the_campaign_folder_is_refused(project: Project, name: str) -> None:
+    (project.root / "campaigns" / "files").mkdir()
+    attach(project, name)
+    result = mailer_cli(project, "validate", "campaigns/att.yaml")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "att.yaml, line 9" in result.stderr
+    assert "outside the campaign's folder" in result.stderr or "does not exist" in result.stderr
+
+
+def test_symlink_pointing_out_is_refused(project: Project) -> None:
+    files = project.root / "campaigns" / "files"
+    files.mkdir()
+    (files / "flyer.pdf").symlink_to(project.config)
+    attach(project, "files/flyer.pdf")
+    with pytest.raises(CampaignError, match="outside the campaign's folder"):
+        check_campaign(project.root / "campaigns" / "att.yaml", project.settings(),
+                       with_audience=False)
+
+
+def test_symlink_inside_the_folder_and_regular_file_are_attached(project: Project) -> None:
+    files = project.root / "campaigns" / "files"
+    files.mkdir()
+    (files / "flyer-2026.pdf").write_bytes(b"%PDF-1.4 flyer")
+    (files / "flyer.pdf").symlink_to("flyer-2026.pdf")
+    attach(project, "files/flyer.pdf")
+    checked = check_campaign(project.root / "campaigns" / "att.yaml", project.settings(),
+                             with_audience=False)
+    (att,) = [a for a in checked.rendition.attachments if a.filename == "flyer.pdf"]
+    assert att.data == b"%PDF-1.4 flyer" and att.content_type == "application/pdf"
+
+
+def test_fifo_and_directory_are_not_attachments(project: Project) -> None:
+    files = project.root / "campaigns" / "files"
+    files.mkdir()
+    os.mkfifo(files / "pipe")
+    for name in ("files/pipe", "files"):
+        attach(project, name)
+        with pytest.raises(CampaignError, match="not a regular file|outside"):
+            check_campaign(project.root / "campaigns" / "att.yaml", project.settings(),
+                           with_audience=False)
+
+
+def test_size_cap_counts_what_is_read(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailer import campaign as campaign_module
+
+    monkeypatch.setattr(campaign_module, "MAX_ATTACHMENTS_BYTES", 1000)
+    files = project.root / "campaigns" / "files"
+    files.mkdir()
+    (files / "a.txt").write_bytes(b"x" * 600)
+    (files / "b.txt").write_bytes(b"y" * 600)
+    project.campaign("att.yaml", GOOD + "attachments: [files/a.txt, files/b.txt]\n")
+    with pytest.raises(CampaignError, match="add up to more than"):
+        check_campaign(project.root / "campaigns" / "att.yaml", project.settings(),
+                       with_audience=False)
