@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LANGS = ("de", "tr", "ar")
+BENCH_SECRET = "bench-secret-0123456789abcdefghijklmnopqrstuvwxyz"
 
 PARAGRAPH = (
     "Guten Tag {{ recipient.name }}, der Trägerkreis **IMAG** lädt Sie herzlich zum "

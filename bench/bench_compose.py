@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Stats, loadavg, make_project, rates, repeat  # noqa: E402
+from _common import BENCH_SECRET, Stats, loadavg, make_project, rates, repeat  # noqa: E402
 
 from mailer.audience import Recipient  # noqa: E402
 from mailer.checks import check_campaign  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
 
     folder = make_project(args.recipients, blocks=args.blocks)
     try:
-        settings = load_settings(folder / "config.yaml", {"MAILER_SECRET_KEY": "bench-secret"})
+        settings = load_settings(folder / "config.yaml", {"MAILER_SECRET_KEY": BENCH_SECRET})
         checked = check_campaign(folder / "campaigns" / "bench-40k.yaml", settings)
     finally:
         shutil.rmtree(folder)

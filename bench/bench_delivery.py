@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, Stats, loadavg, make_project  # noqa: E402
+from _common import BENCH_SECRET, REPO, Stats, loadavg, make_project  # noqa: E402
 
 SINK = "/usr/sbin/smtp-sink"
 SOURCE = "/usr/sbin/smtp-source"
@@ -139,7 +139,7 @@ class SendRun:
 def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: float) -> SendRun:
     env = {**os.environ, "MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": str(port),
            "MAILER_SMTP_POOL_SIZE": str(pool), "MAILER_SMTP_RATE_PER_SECOND": "1000000",
-           "MAILER_DATABASE_URL": db_url, "MAILER_SECRET_KEY": "bench-secret",
+           "MAILER_DATABASE_URL": db_url, "MAILER_SECRET_KEY": BENCH_SECRET,
            "MAILER_CONFIG": str(project / "config.yaml"), "PYTHONUNBUFFERED": "1"}
     cmd = [MAILER, "--config", str(project / "config.yaml"), "send", "bench-40k"]
     use_time = Path(GNU_TIME).exists()

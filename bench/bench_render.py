@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, loadavg, rates, repeat  # noqa: E402
+from _common import BENCH_SECRET, REPO, loadavg, rates, repeat  # noqa: E402
 from mjml import mjml2html  # noqa: E402
 
 import mailer.render as render  # noqa: E402
@@ -157,7 +157,7 @@ def main() -> None:
     if args.quick:
         args.recipients, args.compiles, args.sample, args.reps = 1_000, 5, 50, 3
 
-    settings = load_settings(REPO / "config.yaml", {"MAILER_SECRET_KEY": "bench-secret"})
+    settings = load_settings(REPO / "config.yaml", {"MAILER_SECRET_KEY": BENCH_SECRET})
     paths = [Path(p) for p in args.campaign] if args.campaign else sorted(
         (REPO / "campaigns").glob("*.yaml"))
     print(f"# bench_render  ({loadavg()} at start)")

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import loadavg, make_project  # noqa: E402
+from _common import BENCH_SECRET, loadavg, make_project  # noqa: E402
 
 from mailer import compose, dispatch, transport  # noqa: E402
 from mailer.checks import check_campaign  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
     try:
         env = {"MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": str(args.port),
                "MAILER_SMTP_POOL_SIZE": str(args.pool), "MAILER_SMTP_RATE_PER_SECOND": "1000000",
-               "MAILER_SECRET_KEY": "x", "MAILER_DATABASE_URL": f"sqlite:///{folder}/l.db"}
+               "MAILER_SECRET_KEY": BENCH_SECRET, "MAILER_DATABASE_URL": f"sqlite:///{folder}/l.db"}
         settings = load_settings(folder / "config.yaml", env)
         checked = check_campaign(folder / "campaigns" / "bench-40k.yaml", settings)
         store = open_store(settings.database_url)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from .files import private_dir
+
 log = logging.getLogger(__name__)
 
 DATA_SIZE_LIMIT = 50 * 1024 * 1024
@@ -26,7 +28,7 @@ class _MaildirHandler:
     """aiosmtpd handler: one maildir file per accepted transaction."""
 
     def __init__(self, outbox: Path, *, trace_headers: bool) -> None:
-        outbox.parent.mkdir(parents=True, exist_ok=True)  # Maildir makes only the last level
+        private_dir(outbox.parent)  # Maildir makes only the last level; mail is private
         self.maildir = mailbox.Maildir(outbox, create=True)
         self.trace_headers = trace_headers
         self.accepted = 0

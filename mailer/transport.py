@@ -283,9 +283,19 @@ class SmtpPool:
         try:
             await smtp.connect()
             await _greet(smtp)
-            if self._settings.tls == "starttls":
+            encrypted = self._settings.tls == "tls"
+            # tls: none is opportunistic: a relay that offers STARTTLS gets it (RFC 3207).
+            if self._settings.tls == "starttls" or (
+                    self._settings.tls == "none" and smtp.supports_extension("starttls")):
                 await self._starttls(smtp)
+                encrypted = True
             if self._settings.username:
+                if not encrypted:
+                    raise AuthenticationFailure(
+                        f"refusing to send the SMTP password to {self.address} over an "
+                        "unencrypted connection (the relay offers no STARTTLS): set smtp.tls "
+                        "to 'tls' for a relay on port 465, or use a relay that offers STARTTLS"
+                    )
                 await self._login(smtp)
         except _CONNECTION_ERRORS as exc:
             smtp.close()
@@ -307,7 +317,17 @@ class SmtpPool:
                 f"smtp.tls is 'starttls' but the relay {self.address} does not offer STARTTLS; "
                 "set smtp.tls to 'tls' or 'none' to match the relay"
             )
-        await smtp.starttls()
+        context = self._tls_context
+        if context is None and self._settings.tls == "none" and not self._settings.username:
+            # Opportunistic encryption, as MTAs do it: better than plain text even when the
+            # certificate cannot be checked. With a password, the certificate is verified.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if context is None:
+            await smtp.starttls()
+        else:
+            await smtp.starttls(tls_context=context)
         await _greet(smtp)  # RFC 3207 §4.2: forget the pre-TLS extensions, ask again
 
     async def _login(self, smtp: aiosmtplib.SMTP) -> None:

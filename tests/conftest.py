@@ -73,7 +73,7 @@ def project(tmp_path: Path, db_url: str) -> Project:
     shutil.copytree(REPO / "templates", root / "templates")
     shutil.copytree(REPO / "lists", root / "lists")
     (root / "campaigns").mkdir()
-    env = {"MAILER_SECRET_KEY": "test-secret-" + secrets.token_hex(8)}
+    env = {"MAILER_SECRET_KEY": "test-secret-" + secrets.token_hex(16)}
     if db_url:
         env["MAILER_DATABASE_URL"] = db_url
     return Project(root=root, env=env)

@@ -100,6 +100,7 @@ class FaultServer:
         self.peak_connections = 0  # most SMTP sessions open at once
         self.rcpt_seen: Counter[str] = Counter()
         self.data_count = 0
+        self.auth_attempts = 0  # AUTH commands that reached the authenticator
         self._starttls = starttls
         self._tls = tls
         self._smtputf8 = smtputf8
@@ -159,6 +160,7 @@ class FaultServer:
     ) -> AuthResult:
         # handled=False: aiosmtpd then replies 535 itself; the default (handled=True) on a
         # failure means "I already replied" and the client would wait for nothing.
+        self.auth_attempts += 1
         expected = self.faults.auth
         if expected is None:
             return AuthResult(success=True)

@@ -347,17 +347,44 @@ async def test_cooldown_waits_in_real_time(fault_server) -> None:
 
 # -- authentication and TLS -------------------------------------------------------------------
 
-async def test_auth_with_correct_credentials_sends(fault_server) -> None:
-    server = await fault_server(Faults(auth=("imag", "geheim")))
-    async with pool_for(server, username="imag", password="geheim") as pool:
+async def test_auth_with_correct_credentials_sends(fault_server, tls_contexts) -> None:
+    server_ctx, client_ctx = tls_contexts
+    server = await fault_server(Faults(auth=("imag", "geheim")), starttls=server_ctx)
+    async with pool_for(server, username="imag", password="geheim",
+                        tls_context=client_ctx) as pool:
         result = await pool.send(outgoing("a@example.org"))
     assert result.outcome is Outcome.SENT
-    assert len(server.messages) == 1
+    assert len(server.messages) == 1 and server.messages[0].tls  # tls: none, STARTTLS offered
 
 
-async def test_auth_with_wrong_credentials_raises(fault_server) -> None:
-    server = await fault_server(Faults(auth=("imag", "geheim")))
-    async with pool_for(server, username="imag", password="falsch") as pool:
+async def test_password_never_goes_over_an_unencrypted_connection(fault_server) -> None:
+    server = await fault_server(Faults(auth=("imag", "geheim")))  # no STARTTLS on offer
+    async with pool_for(server, username="imag", password="geheim") as pool:
+        with pytest.raises(AuthenticationFailure, match="unencrypted connection"):
+            await pool.send(outgoing("a@example.org"))
+    assert server.messages == [] and server.auth_attempts == 0
+
+
+async def test_starttls_is_used_whenever_offered(fault_server, tls_contexts) -> None:
+    server = await fault_server(starttls=tls_contexts[0])  # self-signed: not verifiable
+    async with pool_for(server) as pool:  # tls: none, no password
+        result = await pool.send(outgoing("a@example.org"))
+    assert result.outcome is Outcome.SENT and server.messages[0].tls
+
+
+async def test_with_a_password_the_certificate_is_verified(fault_server, tls_contexts) -> None:
+    server = await fault_server(Faults(auth=("imag", "geheim")), starttls=tls_contexts[0])
+    async with pool_for(server, username="imag", password="geheim") as pool:  # system CAs
+        result = await pool.send(outgoing("a@example.org"))
+    assert result.outcome is not Outcome.SENT and "certificate" in result.text.lower()
+    assert server.messages == [] and server.auth_attempts == 0
+
+
+async def test_auth_with_wrong_credentials_raises(fault_server, tls_contexts) -> None:
+    server_ctx, client_ctx = tls_contexts
+    server = await fault_server(Faults(auth=("imag", "geheim")), starttls=server_ctx)
+    async with pool_for(server, username="imag", password="falsch",
+                        tls_context=client_ctx) as pool:
         with pytest.raises(AuthenticationFailure, match="refused the login for 'imag'") as caught:
             await pool.send(outgoing("a@example.org"))
     assert caught.value.code == 535

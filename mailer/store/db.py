@@ -10,6 +10,7 @@ from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from ..errors import ConfigError
+from ..files import private_file
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _migrated: set[str] = set()
@@ -50,7 +51,7 @@ def make_engine(url: str) -> Engine:
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                private_file(Path(path))
             # A pool keeps connections open: a new SQLite connection per ledger write costs its
             # pragmas plus a WAL checkpoint on close (~1.7 ms against ~0.1 ms for the commit).
             engine = create_engine(url, pool_size=8, max_overflow=8)
