@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .files import private_dir
 from .yamlsrc import Located, load_yaml, raise_validation
 
 
@@ -81,6 +85,38 @@ class WebSettings(Strict):
     port: int = Field(8000, ge=1, le=65535)
     subscribe_lists: list[str] = ["newsletter"]
     languages: list[str] = ["de", "en", "tr", "ar"]
+    # X-Forwarded-For is believed only from these peers (IPs or CIDRs, e.g. the reverse proxy
+    # on 127.0.0.1); empty: the TCP peer is the client. MAILER_WEB_TRUSTED_PROXIES="a,b".
+    trusted_proxies: list[str] = []
+    # Slow or idle clients (uvicorn): answer 503 beyond `limit_concurrency` connections or
+    # requests; close new connections at once beyond `max_connections` (kept below the process's
+    # file limit); a request (head and body) must arrive within `request_timeout_s`; an idle
+    # keep-alive connection is closed after `timeout_keep_alive_s`.
+    limit_concurrency: int = Field(100, ge=1)
+    max_connections: int = Field(256, ge=1)
+    request_timeout_s: float = Field(10.0, gt=0, le=300)
+    timeout_keep_alive_s: int = Field(5, ge=1, le=300)
+    backlog: int = Field(128, ge=1, le=4096)
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_list(cls, value: object) -> object:
+        if isinstance(value, str):  # from the environment: comma-separated
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            try:
+                out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"'{item}' is not an IP address or network "
+                                 "(e.g. 127.0.0.1 or 10.0.0.0/8)") from None
+        return out
 
 
 class Settings(Strict):
@@ -118,6 +154,15 @@ class Settings(Strict):
             raise ValueError("must start with https:// or http://")
         return value.rstrip("/")
 
+    @field_validator("secret_key")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        problem = None if value is None else weak_secret(value)
+        if problem:
+            raise ValueError(f"MAILER_SECRET_KEY {problem}, so links could be forged; make one "
+                             "with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'")
+        return value
+
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
@@ -131,18 +176,55 @@ class Settings(Strict):
         return self.var_dir / "outbox"
 
     def secret(self) -> str:
-        """The signing key: MAILER_SECRET_KEY, else a random key kept under var/ (dev only)."""
+        """The signing key: MAILER_SECRET_KEY, else a random key kept in var/secret.key."""
         if self.secret_key:
             return self.secret_key
-        path = self.var_dir / "secret.key"
-        if path.exists():
-            return path.read_text().strip()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key)
-        return key
+        return _key_file(self.var_dir / "secret.key")
+
+
+SECRET_MIN_CHARS = 32
+
+
+def weak_secret(key: str) -> str | None:
+    """Why a signing key is too weak to keep tokens unforgeable, or None."""
+    if len(key) < SECRET_MIN_CHARS:
+        return f"is {len(key)} characters long, fewer than the {SECRET_MIN_CHARS} needed"
+    if len(set(key)) < 10:
+        return "repeats too few characters to be random"
+    return None
+
+
+def _key_file(path: Path) -> str:
+    """Read the key file, or create it atomically: the key is written to a private temporary
+    file and linked into place, so a concurrent reader sees all of it or no file at all."""
+    if not path.exists():
+        private_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".secret.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(48))
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another process was first: use its key
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    try:
+        mode = path.stat().st_mode
+        key = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the signing key ({getattr(exc, 'strerror', exc)}); "
+                          "set MAILER_SECRET_KEY or fix the file", path=path) from None
+    if mode & 0o077:
+        raise ConfigError("the signing key can be read by other users: run "
+                          f"'chmod 600 {path}' (or set MAILER_SECRET_KEY)", path=path)
+    problem = weak_secret(key)
+    if problem:
+        raise ConfigError(
+            f"the signing key {problem}, so links could be forged: delete the file to have a "
+            "new one made (links in mails already sent stop working) or set MAILER_SECRET_KEY",
+            path=path)
+    return key
 
 
 def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
@@ -164,6 +246,9 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, An
     if env.get("MAILER_SMTP_HOST") and "MAILER_SMTP_PORT" not in env:
         smtp["port"] = 465 if smtp.get("tls") == "tls" else 25
     data["smtp"] = smtp
+    web = data.get("web")
+    if "MAILER_WEB_TRUSTED_PROXIES" in env and (web is None or isinstance(web, dict)):
+        data["web"] = {**(web or {}), "trusted_proxies": env["MAILER_WEB_TRUSTED_PROXIES"]}
     return data
 
 
