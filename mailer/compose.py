@@ -72,9 +72,16 @@ def _fold_ascii(name: str, value: str) -> str:
     return "\r\n".join(lines)
 
 
+def _plain(value: str, room: int) -> bool:
+    """ASCII that can go as it is: nothing that looks encoded (it would be decoded) and no
+    word too long to fold (folding happens only between words; RFC 5322 §2.1.1)."""
+    return value.isascii() and "=?" not in value and all(
+        len(word) <= room for word in value.split(" "))
+
+
 def encode_header(name: str, value: str) -> bytes:
     value = _clean(value)
-    if value.isascii() and "=?" not in value:  # text that looks encoded must be encoded
+    if _plain(value, 76 - len(name)):
         if len(value) + len(name) < 76:
             return f"{name}: {value}".encode("ascii")
         return _fold_ascii(name, value).encode("ascii")
@@ -85,7 +92,9 @@ def address_header(name: str, display: str, address: str) -> bytes:
     display, address = _clean(display).strip(), _clean(address)
     if not display:
         return f"{name}: <{address}>".encode()
-    if display.isascii() and "=?" not in display:
+    # A quoted name cannot be folded; up to a few hundred characters it need not be (and
+    # mail parsers read adjacent encoded words in a name back with spaces between them).
+    if _plain(display, 900) and len(display) < 900:
         return f"{name}: {formataddr((display, address))}".encode()
     # SMTPUTF8 (RFC 6532): a non-ASCII address itself goes raw in UTF-8.
     return f"{name}: {encoded_words(display, indent=len(name) + 2)} <{address}>".encode()

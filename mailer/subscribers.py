@@ -24,6 +24,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, or_, select, upda
 
 from .audience import Recipient, email_key
 from .config import Settings
+from .redact import redact_addresses
 from .store import queries as q
 from .store.queries import HASH_PREFIX, hashed_key
 from .store.subscriber_tables import (
@@ -208,11 +209,26 @@ def confirm(conn: Connection, *, email: str, nonce: str, origin: Origin,
 # --- withdrawal and preferences -------------------------------------------------------------
 
 
+def is_erased(conn: Connection, key: str) -> bool:
+    """The address was erased (`forget`): an old link may still carry it, but nothing may
+    store it in the clear again."""
+    h = hashed_key(key)
+    return conn.execute(select(suppressions.c.id).where(
+        suppressions.c.email_key == h, suppressions.c.list_name == q.GLOBAL).limit(1)
+    ).first() is not None
+
+
+def _known_key(conn: Connection, email: str) -> str:
+    """The key to act on: the address, or only its hash once it was erased."""
+    key = email_key(email)
+    return hashed_key(key) if is_erased(conn, key) else key
+
+
 def unsubscribe(conn: Connection, settings: Settings, *, email: str, list_name: str,
                 origin: Origin, now: datetime | None = None) -> bool:
     """Leave one list (RFC 8058 one-click lands here). Returns False if already done."""
     now = _utc(now)
-    key = email_key(email)
+    key = _known_key(conn, email)
     sub = find_subscriber(conn, key) if is_managed(settings, list_name) else None
     if sub is not None:
         if statuses(conn, int(sub["id"])).get(list_name) == MemberStatus.UNSUBSCRIBED:
@@ -231,7 +247,7 @@ def unsubscribe_all(conn: Connection, settings: Settings, *, email: str, origin:
                     now: datetime | None = None) -> None:
     """Every managed list, and a global suppression that also covers the file lists."""
     now = _utc(now)
-    key = email_key(email)
+    key = _known_key(conn, email)
     sub = find_subscriber(conn, key)
     if sub is not None:
         for list_name, status in statuses(conn, int(sub["id"])).items():
@@ -255,6 +271,8 @@ def set_preferences(conn: Connection, settings: Settings, *, email: str, languag
     ticked here is subscribed at once (no second confirmation mail)."""
     now = _utc(now)
     key = email_key(email)
+    if is_erased(conn, key):
+        return  # an old link of an erased address: it must not bring the address back
     sub = find_subscriber(conn, key)
     if sub is None and wanted & set(settings.web.subscribe_lists):
         _ensure_subscriber(conn, email=email, name="", language=language, now=now)
@@ -465,6 +483,12 @@ def _anonymise_deliveries(conn: Connection, key: str, h: str, now: datetime) -> 
         [DeliveryStatus.PENDING, DeliveryStatus.SENDING])).values(
         status=DeliveryStatus.FAILED, smtp_text="not sent: the address was erased",
         updated_at=now))
+    # A relay's refusal often quotes the address ("550 <anna@…>: no such user").
+    quoted = conn.execute(select(d.c.id, d.c.smtp_text).where(
+        d.c.email_key == key, d.c.smtp_text.contains("@"))).all()
+    for row_id, text in quoted:
+        conn.execute(update(d).where(d.c.id == row_id).values(
+            smtp_text=redact_addresses(text)))
     return int(conn.execute(update(d).where(d.c.email_key == key).values(
         email=h[:320], email_key=h, name="", fields={})).rowcount)
 

@@ -78,7 +78,7 @@ def test_import_without_proof_is_marked_and_mails_only_when_asked(project: Proje
                 "--send-confirmation")
     assert asked.exit_code == 0 and "1 of 1 confirmation mails sent" in asked.output
     (msg,) = mailbox.Maildir(outbox).values()
-    assert msg["To"] == "new@example.org" and msg["Content-Language"] == "ar"
+    assert msg["To"].strip("<>") == "new@example.org" and msg["Content-Language"] == "ar"
 
 
 def test_bad_import_file_is_one_sentence_and_writes_nothing(project: Project):
