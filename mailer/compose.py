@@ -12,6 +12,7 @@ import base64
 import binascii
 import secrets
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -100,6 +101,14 @@ def address_header(name: str, display: str, address: str) -> bytes:
     return f"{name}: {encoded_words(display, indent=len(name) + 2)} <{address}>".encode()
 
 
+def _file_param(param: str, name: str) -> str:
+    """A file name as a MIME parameter: quoted when it is plain ASCII, else RFC 2231
+    (`filename*=utf-8''…`, RFC 2047 words are not allowed inside quotes)."""
+    if name.isascii() and not any(c in name for c in '"\\'):
+        return f'{param}="{name}"'
+    return f"{param}*=utf-8''{urllib.parse.quote(name, safe='')}"
+
+
 def qp(text: str) -> bytes:
     """Quoted-printable (RFC 2045 §6.7) with CRLF line ends."""
     # b2a_qp copies the input's first line ending to its soft breaks: feed it bare LF only.
@@ -164,11 +173,10 @@ class Composer:
         parts = []
         for att in self.rendition.attachments:
             name = _clean(att.filename)
-            disposition = encoded_words(name) if not name.isascii() else f'"{name}"'
             parts.append(
                 f"--{self._mixed}\r\n"
-                f"Content-Type: {att.content_type}; name={disposition}\r\n"
-                f"Content-Disposition: attachment; filename={disposition}\r\n"
+                f"Content-Type: {att.content_type};\r\n {_file_param('name', name)}\r\n"
+                f"Content-Disposition: attachment;\r\n {_file_param('filename', name)}\r\n"
                 "Content-Transfer-Encoding: base64\r\n\r\n".encode() + b64(att.data)
             )
         if not parts:

@@ -160,3 +160,26 @@ def test_size_cap_counts_what_is_read(project: Project, monkeypatch: pytest.Monk
     with pytest.raises(CampaignError, match="add up to more than"):
         check_campaign(project.root / "campaigns" / "att.yaml", project.settings(),
                        with_audience=False)
+
+
+def test_attachment_name_cannot_break_its_header(project: Project) -> None:
+    import email
+    import email.policy
+
+    from mailer.compose import Composer
+    from mailer.tokens import Tokens
+
+    files = project.root / "campaigns" / "files"
+    files.mkdir()
+    name = 'Über-Flyer "neu"; x=\\y.pdf'
+    (files / name).write_bytes(b"%PDF-1.4")
+    project.campaign("att.yaml", GOOD + "attachments: ['files/Über-Flyer \"neu\"; x=\\y.pdf']\n")
+    settings = project.settings()
+    checked = check_campaign(project.root / "campaigns" / "att.yaml", settings,
+                             with_audience=False)
+    data = Composer(checked.rendition, settings, tokens=Tokens(settings.secret())).compose(
+        Recipient("a@example.org", "A", "de", list="partners"), message_id="<1@x.example.org>"
+    ).data
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    (att,) = [p for p in msg.iter_attachments() if p.get_content_type() == "application/pdf"]
+    assert att.get_filename() == name and att.get_content() == b"%PDF-1.4"
