@@ -259,9 +259,13 @@ def _load_dkim(settings: Settings) -> Callable[[bytes], bytes] | None:
 
     path = Path(cfg.key_file)
     try:
+        mode = path.stat().st_mode
         key = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the DKIM key ({exc.strerror})", path=path) from None
+    if mode & 0o077:
+        raise ConfigError(f"the DKIM private key can be read by other users: run 'chmod 600 "
+                          f"{path}'", path=path)
 
     def sign(data: bytes) -> bytes:
         signature: bytes = dkim.sign(

@@ -29,6 +29,7 @@ from .audience import Recipient
 from .compose import Composer, message_id
 from .config import Settings
 from .errors import AuthenticationFailure
+from .redact import redact_addresses
 from .render import Rendition
 from .store import DeliveryStatus, RunStatus, Store
 from .store import queries as q
@@ -236,7 +237,8 @@ class Dispatcher:
             data = self.composer.compose(recipient, message_id=mid).data
         except jinja2.TemplateError as exc:
             # One recipient's data must not stop everyone else's mail: fail the row, say why.
-            log.error("run row %s: the message could not be built: %s", row.id, exc)
+            log.error("run row %s: the message could not be built: %s", row.id,
+                      redact_addresses(exc))
             await self._commit.submit([q.Outcome(
                 id=row.id, status=DeliveryStatus.FAILED, smtp_code=None,
                 smtp_text=f"not sent: the message could not be built ({exc})"[:500])])

@@ -27,6 +27,7 @@ import aiosmtplib
 
 from .config import SmtpSettings
 from .errors import AuthenticationFailure
+from .redact import redact_addresses
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ class SmtpPool:
         self._cooldown_until = self._clock() + self._cooldown_s
         self.stats.cooldowns += 1
         log.info("relay %s unavailable (%s): new connections wait %.1f s",
-                 self.address, reason, self._cooldown_s)
+                 self.address, redact_addresses(reason), self._cooldown_s)
 
 
 def dot_stuffed(data: bytes) -> bytes:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
-import shutil
-import subprocess
 from pathlib import Path
 
 import dkim
@@ -17,6 +15,7 @@ from hypothesis import strategies as st
 from mailer.audience import Recipient
 from mailer.checks import check_campaign
 from mailer.compose import Composer, address_header, encode_header
+from mailer.errors import ConfigError
 from mailer.tokens import Tokens
 from tests.conftest import Project
 
@@ -31,22 +30,43 @@ content:
 """
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_dkim_signature_verifies_and_covers_list_unsubscribe(project: Project,
-                                                             tmp_path: Path) -> None:
+def dkim_key(project: Project, tmp_path: Path) -> tuple[Path, bytes]:
+    """A fresh 2048-bit key in a 0600 file named by config.yaml; returns it and its DER."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key = tmp_path / "dkim.pem"
-    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True,
-                   capture_output=True)
-    pub_der = subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"],
-                             check=True, capture_output=True).stdout
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.TraditionalOpenSSL,
+                                          serialization.NoEncryption()))
+    key.chmod(0o600)
+    pub_der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     config = project.config.read_text(encoding="utf-8").replace(
         "  timeout_s: 30\n",
         f"  timeout_s: 30\n  dkim: {{selector: mail, domain: imag.example.org, key_file: {key}}}\n")
     project.config.write_text(config, encoding="utf-8")
+    return key, pub_der
+
+
+def test_dkim_key_readable_by_others_is_refused(project: Project, tmp_path: Path) -> None:
+    key, _ = dkim_key(project, tmp_path)
+    key.chmod(0o644)
     project.campaign("c.yaml", CAMPAIGN)
     settings = project.settings()
     checked = check_campaign(settings.campaigns_dir / "c.yaml", settings)
-    composer = Composer(checked.rendition, settings, tokens=Tokens("k"))
+    with pytest.raises(ConfigError, match="chmod 600"):
+        Composer(checked.rendition, settings, tokens=Tokens(settings.secret()))
+
+
+def test_dkim_signature_verifies_and_covers_list_unsubscribe(project: Project,
+                                                             tmp_path: Path) -> None:
+    _, pub_der = dkim_key(project, tmp_path)
+    project.campaign("c.yaml", CAMPAIGN)
+    settings = project.settings()
+    checked = check_campaign(settings.campaigns_dir / "c.yaml", settings)
+    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()))
     data = composer.compose(Recipient(email="a@example.org", name="Zoë", list="partners"),
                             message_id="<1@imag.example.org>").data
     assert data.startswith(b"DKIM-Signature:")
