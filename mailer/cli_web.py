@@ -6,8 +6,6 @@ import asyncio
 import csv
 import io
 import json
-import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from .web import create_app
+    from .web.server import uvicorn_config
 
     settings = ctx.settings
     app = create_app(settings)
@@ -40,24 +39,10 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     port = port or settings.web.port
     click.echo(f"serving on http://{host}:{port}/subscribe "
                f"(links in mails use {settings.base_url})")
-    config = uvicorn.Config(app, host=host, port=port, proxy_headers=True, server_header=False,
-                            log_level="info")
-    # Tokens carry the subscriber's address: access lines show the path without them.
-    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
-    uvicorn.Server(config).run()
-
-
-class RedactTokens(logging.Filter):
-    """Replaces the token in /unsubscribe/…, /preferences/… and /confirm/… with '…'."""
-
-    PATTERN = re.compile(r"/(unsubscribe|preferences|confirm)/[^\s\"?]+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(self.PATTERN.sub(r"/\1/…", a) if isinstance(a, str) else a
-                                for a in record.args)
-        record.msg = self.PATTERN.sub(r"/\1/…", str(record.msg))
-        return True
+    # The client's address comes from the app (X-Forwarded-For only from web.trusted_proxies),
+    # not from uvicorn's proxy_headers, which believes 127.0.0.1 by default. Access lines show
+    # paths without tokens; repeated lines are throttled.
+    uvicorn.Server(uvicorn_config(app, settings, host=host, port=port)).run()
 
 
 @click.group()

@@ -1,9 +1,10 @@
-"""End to end in headless Debian chromium (Playwright): subscribe → confirmation mail → confirm;
-preferences → next mail in the new language; one-click from a campaign mail → next run skips.
+"""End to end in headless Debian chromium (Playwright): subscribe → confirmation mail → the
+link's one-button page → confirm; preferences → next mail in the new language; one-click from a
+campaign mail → next run skips.
 
-The app runs under uvicorn on a free loopback port with the embedded capture server (a real
-aiosmtpd) as its transport; campaign runs use the same maildir. Screenshots of every page at
-phone and desktop width go to test-output/screenshots/.
+The app runs under uvicorn, configured as `mailer serve` configures it, on a free loopback port
+with the embedded capture server (a real aiosmtpd) as its transport; campaign runs use the same
+maildir. Screenshots of every page at phone and desktop width go to test-output/screenshots/.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from mailer.dispatch import deliver_run
 from mailer.sending import plan_run
 from mailer.store import open_store
 from mailer.web import create_app
+from mailer.web.server import uvicorn_config
 from tests.conftest import REPO, Project
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,9 +66,9 @@ class Served:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.base = settings.base_url
-        self.server = uvicorn.Server(uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=int(self.base.rsplit(":", 1)[1]),
-            log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(
+            create_app(settings), settings, host="127.0.0.1",
+            port=int(self.base.rsplit(":", 1)[1]), log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Served:
@@ -168,9 +170,18 @@ def test_subscribe_confirm_preferences_and_one_click(served: Served, project: Pr
         confirmation = served.wait_for_mail(address, 1)
         assert confirmation["Subject"] == "Please confirm your subscription"
         (url,) = re.findall(r"http://\S+/confirm/\S+", text_of(confirmation))
-        page.goto(url)
+        page.goto(url)  # opening the link (as a mail scanner does) confirms nothing yet
+        expect(page.locator("h1")).to_have_text("Confirm your subscription")
+        expect(page.get_by_role("button")).to_have_count(1)
+        shoot(page, "confirm-en")
+        page.get_by_role("button", name="Yes, confirm my subscription").click()
         expect(page.locator("h1")).to_have_text("Subscription confirmed")
+        expect(page.locator(".lead")).to_contain_text("Thank you!")
         shoot(page, "confirmed-en")
+        page.goto(url)  # the link once more: it says so, and offers no button
+        expect(page.locator(".lead")).to_have_text(
+            "This subscription is already confirmed. There is nothing more to do.")
+        expect(page.get_by_role("button")).to_have_count(0)
 
         campaign = project.campaign("forum.yaml", CAMPAIGN)
         first = run_campaign(served.settings, campaign, again=False)

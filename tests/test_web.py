@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from mailer.tokens import Tokens
 from mailer.transport import SmtpPool
 from mailer.web import create_app
 from tests.conftest import Project, both_databases
-from tests.smtpd import FaultServer, fault_server  # noqa: F401  (fixture)
+from tests.smtpd import Faults, FaultServer, fault_server  # noqa: F401  (fixture)
 
 CLIENT_IP = "203.0.113.7"
 CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
@@ -66,6 +67,14 @@ class Site:
     def local(self, url: str) -> str:
         return url.replace(self.settings.base_url, "")
 
+    async def confirm(self, url: str) -> httpx.Response:
+        """What a person does: open the link, press the one button."""
+        page = await self.client.get(self.local(url))
+        assert page.status_code == 200 and page.text.count("<button") == 1, page.text
+        match = CSRF_RE.search(page.text)
+        assert match, "the confirm page has no CSRF field"
+        return await self.client.post(self.local(url), data={"csrf": match.group(1)})
+
     def manage_path(self, address: str, list_name: str, page: str = "unsubscribe") -> str:
         return f"/{page}/{self.tokens.manage(address, list_name, 'test-campaign')}"
 
@@ -75,19 +84,40 @@ class Site:
             return subs.statuses(conn, int(sub["id"])) if sub else {}
 
 
+SiteFactory = Callable[..., Awaitable[Site]]
+
+
 @pytest.fixture
-async def site(project: Project, fault_server) -> AsyncIterator[Site]:  # noqa: F811
-    server = await fault_server()
-    settings = project.settings()
-    store = open_store(settings.database_url)
-    pool = SmtpPool(settings.smtp, host=server.host, port=server.port)
-    app = create_app(settings, store=store, transport=pool)
-    transport = httpx.ASGITransport(app=app, client=(CLIENT_IP, 40000))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=transport, base_url="http://testserver") as client:
-        yield Site(client, server, settings, store, Tokens(settings.secret()))
-    await pool.aclose()
-    store.dispose()
+async def make_site(project: Project, fault_server) -> AsyncIterator[SiteFactory]:  # noqa: F811
+    """`await make_site(faults=…, peer=…, **env)`: the app in-process, its mails to a real
+    aiosmtpd server; `peer` is the TCP client address the app sees."""
+    opened: list[tuple[Any, ...]] = []
+
+    async def start(*, faults: Faults | None = None, peer: str = CLIENT_IP,
+                    **env: str) -> Site:
+        server = await fault_server(faults)
+        settings = project.settings(**env)
+        store = open_store(settings.database_url)
+        pool = SmtpPool(settings.smtp, host=server.host, port=server.port)
+        app = create_app(settings, store=store, transport=pool)
+        transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
+        opened.append((lifespan, client, pool, store))
+        return Site(client, server, settings, store, Tokens(settings.secret()))
+
+    yield start
+    for lifespan, client, pool, store in reversed(opened):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+        await pool.aclose()
+        store.dispose()
+
+
+@pytest.fixture
+async def site(make_site: SiteFactory) -> Site:
+    return await make_site()
 
 
 # --- double opt-in --------------------------------------------------------------------------
@@ -106,11 +136,15 @@ async def test_subscribe_confirm_and_confirm_again(site: Site):
     assert msg.get_content_type() == "multipart/alternative"
     (url,) = site.confirmation_urls()
 
-    confirmed = await site.client.get(site.local(url))
+    confirmed = await site.confirm(url)
     assert confirmed.status_code == 200 and 'lang="tr"' in confirmed.text
+    assert "Teşekkürler!" in confirmed.text  # "Thank you! …"
     assert site.status("anna.schmidt@example.org") == {"newsletter": "subscribed"}
-    again = await site.client.get(site.local(url))  # confirming twice is harmless
-    assert again.status_code == 200
+    again = await site.client.post(site.local(url), data={"csrf": await site.form()})
+    assert again.status_code == 200  # confirming twice is harmless, and says so
+    assert "Bu abonelik zaten onaylanmış" in again.text and "Teşekkürler!" not in again.text
+    reopened = await site.client.get(site.local(url))  # the link, opened once more
+    assert "Bu abonelik zaten onaylanmış" in reopened.text and "<button" not in reopened.text
     with site.store.engine.connect() as conn:
         events = [dict(r._mapping) for r in conn.execute(select(consent_events))]
         members = subs.members(conn, "newsletter")
@@ -123,7 +157,7 @@ async def test_subscribe_confirm_and_confirm_again(site: Site):
 
 async def test_same_answer_for_new_and_known_addresses(site: Site):
     first = await site.subscribe("known@example.org")
-    await site.client.get(site.local(site.confirmation_urls()[0]))
+    await site.confirm(site.confirmation_urls()[0])
     second = await site.subscribe("known@example.org")
     third = await site.subscribe("new@example.org")
     strip = lambda r: CSRF_RE.sub("", r.text)  # noqa: E731
@@ -245,7 +279,8 @@ class _EightDaysAgo(TimestampSigner):
 
 async def _subscribed(site: Site, address: str) -> None:
     await site.subscribe(address)
-    await site.client.get(site.local(site.confirmation_urls()[-1]))
+    await site.confirm(site.confirmation_urls()[-1])
+    assert site.status(address) == {"newsletter": "subscribed"}
 
 
 @both_databases
@@ -368,13 +403,306 @@ async def test_archive_shows_only_sent_campaigns_unpersonalised(project: Project
 
 
 def test_access_log_lines_carry_no_tokens() -> None:
-    import logging
-
-    from mailer.cli_web import RedactTokens
+    from mailer.web.server import RedactPaths
 
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
                                '%s - "%s %s HTTP/%s" %d',
                                ("127.0.0.1:5", "POST", "/unsubscribe/WyJhQGV4YW1wbGUub3JnIl0.sig",
                                 "1.1", 200), None)
-    assert RedactTokens().filter(record)
+    assert RedactPaths().filter(record)
     assert "WyJ" not in record.getMessage() and "/unsubscribe/…" in record.getMessage()
+
+
+# --- trust boundaries (issue 8) -------------------------------------------------------------
+
+
+async def test_opening_the_confirmation_link_confirms_nothing(site: Site):
+    """Mail scanners fetch (GET, HEAD) every link in a mail: only the button confirms."""
+    await site.subscribe("scanned@example.org")
+    (url,) = site.confirmation_urls()
+    async with httpx.AsyncClient(transport=site.client._transport,
+                                 base_url="http://testserver") as scanner:
+        for method in ("GET", "HEAD", "GET"):
+            response = await scanner.request(method, site.local(url))
+            assert response.status_code == 200
+        assert site.status("scanned@example.org") == {"newsletter": "pending"}
+        page = await scanner.get(site.local(url))
+        assert page.text.count("<button") == 1 and 'method="post"' in page.text
+        assert "scanned@example.org" in page.text  # whose subscription the button confirms
+        no_csrf = await scanner.post(site.local(url), data={})
+        assert no_csrf.status_code == 403
+    assert site.status("scanned@example.org") == {"newsletter": "pending"}
+    with site.store.engine.connect() as conn:
+        assert [r.event for r in conn.execute(select(consent_events))] == ["subscribed"]
+    assert (await site.confirm(url)).status_code == 200
+    assert site.status("scanned@example.org") == {"newsletter": "subscribed"}
+
+
+async def test_only_post_changes_anything_on_any_route(site: Site):
+    from mailer.audience import Recipient
+
+    with site.store.engine.begin() as conn:  # subscribed without the pages under test
+        subs.import_members(conn, [Recipient("stay@example.org")], list_name="newsletter",
+                            consent_source="test", send_confirmation=False)
+    await site.subscribe("pending@example.org")
+    confirm_path = site.local(site.confirmation_urls()[-1])
+    paths = [site.manage_path("stay@example.org", "newsletter"),
+             site.manage_path("stay@example.org", "newsletter", page="preferences"),
+             site.manage_path("partner@example.org", "partners"), confirm_path]
+    one_click = {"List-Unsubscribe": "One-Click", "action": "all", "language": "ar",
+                 "csrf": await site.form()}
+    before = (site.count(consent_events), site.count(suppressions))
+    for path in [*paths, "/subscribe", "/"]:
+        for method in ("HEAD", "GET"):  # with a one-click body, and the values in the query
+            response = await site.client.request(method, path, data=one_click,
+                                                 params=one_click)
+            assert response.status_code in (200, 303), (method, path)
+        for method in ("PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"):
+            response = await site.client.request(method, path, data=one_click)
+            assert response.status_code == 405, (method, path)
+    assert (site.count(consent_events), site.count(suppressions)) == before
+    assert site.status("stay@example.org") == {"newsletter": "subscribed"}
+    assert site.status("pending@example.org") == {"newsletter": "pending"}
+
+
+@pytest.mark.parametrize("name", [
+    "Alice, attacker@evil.example " + "B" * 60,
+    '"Alice" <attacker@evil.example>, ' + "C" * 50,
+    "Ünal, Ayşe; evil@example.org " + "Ç" * 40,
+    "=?utf-8?q?evil=40example.org?= " + "D" * 50,
+    'Bob "the builder", Jr.' + " E" * 30,
+])
+async def test_confirmation_mail_goes_to_exactly_one_address(
+        project: Project, fault_server, name: str) -> None:  # noqa: F811
+    """Names imported by staff are not refused: the To header must hold them safely."""
+    from mailer.web.mails import send_confirmation
+
+    server = await fault_server()
+    settings = project.settings()
+    pool = SmtpPool(settings.smtp, host=server.host, port=server.port)
+    try:
+        result = await send_confirmation(pool, settings, Tokens(settings.secret()),
+                                         email="victim@example.org", name=name, language="de",
+                                         lists=["newsletter"], nonce="n" * 22)
+    finally:
+        await pool.aclose()
+    assert result.outcome.name == "SENT"
+    (received,) = server.messages
+    assert received.rcpt_tos == ["victim@example.org"]
+    msg = email.message_from_bytes(received.content, policy=email.policy.default)
+    (to,) = msg.get_all("To")
+    assert [a.addr_spec for a in to.addresses] == ["victim@example.org"]
+    # (The stdlib parser puts a space between adjacent encoded words of a phrase.)
+    assert to.addresses[0].display_name.replace(" ", "") == name.replace(" ", "")
+    (sender,) = msg["From"].addresses
+    assert sender.addr_spec == settings.sender.address
+    assert msg["Subject"] == "Bitte bestätigen Sie Ihre Anmeldung"
+
+
+@pytest.mark.parametrize("name", [
+    "Alice, attacker@evil.example",
+    "Alice <alice@example.org>",
+    "Eve; Mallory",
+    "Note: call me",
+    "visit https://evil.example/win",
+    "cheap-pills.example",
+    "www.evil.example",
+    "x" * 101,
+    "Alice\u202eevil",
+    "Tab\there",
+], ids=["comma-address", "angle", "semicolon", "colon", "url", "domain", "www", "overlong",
+        "bidi-override", "control"])
+async def test_subscribe_form_refuses_names_that_are_not_names(site: Site, name: str):
+    response = await site.client.post("/subscribe?lang=en", data={
+        "csrf": await site.form(), "email": "named@example.org", "name": name,
+        "language": "en", "lists": "newsletter"})
+    assert response.status_code == 400
+    assert 'id="name-error"' in response.text
+    assert "at most 100 characters long, without web or email addresses" in response.text
+    assert site.count(subscribers) == 0 and site.server.messages == []
+
+
+@pytest.mark.parametrize("name", ["Anna Schmidt", "Ayşe Ünal-Öztürk", "Dr. Jürgen Meier",
+                                  "J.R.R. Tolkien", "ليلى ديمير", "O'Brien", "x" * 100])
+async def test_subscribe_form_takes_ordinary_names(site: Site, name: str):
+    response = await site.subscribe(f"n{len(site.server.messages)}@example.org", name=name)
+    assert response.status_code == 200, name
+    (received,) = site.server.messages
+    msg = email.message_from_bytes(received.content, policy=email.policy.default)
+    (to,) = msg["To"].addresses
+    assert to.display_name == name
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(site: Site):
+    token = await site.form()
+    codes = []
+    for i in range(25):  # a new made-up client address on every request
+        response = await site.client.post("/subscribe", data={
+            "csrf": token, "email": f"rotate{i}@example.org", "language": "de",
+            "lists": "newsletter"}, headers={"X-Forwarded-For": f"198.51.100.{i}"})
+        codes.append(response.status_code)
+    assert codes == [200] * 20 + [429] * 5  # the per-IP limit holds
+    assert len(site.server.messages) == 20
+    with site.store.engine.connect() as conn:
+        ips = {r.ip for r in conn.execute(select(consent_events))}
+    assert ips == {CLIENT_IP}  # the consent log has the real peer, not the header
+
+
+async def test_forwarded_for_from_a_trusted_proxy_is_the_client(make_site: SiteFactory):
+    site = await make_site(peer="127.0.0.1", MAILER_WEB_TRUSTED_PROXIES="127.0.0.1, 10.0.0.0/8")
+    assert site.settings.web.trusted_proxies == ["127.0.0.1/32", "10.0.0.0/8"]
+    token = await site.form()
+    codes = []
+    for i in range(25):  # behind the proxy: 25 different people, each within their limit
+        # The left entry is what the client claimed; our proxies appended the rest.
+        forwarded = f"192.0.2.66, 198.51.100.{i}, 10.1.2.3"
+        response = await site.client.post("/subscribe", data={
+            "csrf": token, "email": f"person{i}@example.org", "language": "de",
+            "lists": "newsletter"}, headers={"X-Forwarded-For": forwarded})
+        codes.append(response.status_code)
+    assert codes == [200] * 25
+    with site.store.engine.connect() as conn:
+        ips = [r.ip for r in conn.execute(select(consent_events).order_by(consent_events.c.id))]
+    assert ips == [f"198.51.100.{i}" for i in range(25)]
+    burst = [(await site.client.post("/subscribe", data={
+        "csrf": token, "email": f"b{i}@example.org", "language": "de", "lists": "newsletter"},
+        headers={"X-Forwarded-For": "203.0.113.99"})).status_code for i in range(21)]
+    assert burst == [200] * 20 + [429]  # one forwarded client still has one limit
+
+
+def test_client_address_resolution() -> None:
+    from mailer.web.security import ClientAddress
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+        pass
+
+    proxies = ClientAddress(app, trusted=["127.0.0.1", "10.0.0.0/8", "2001:db8::/32"])
+    assert proxies.resolve("127.0.0.1", ["203.0.113.5"]) == "203.0.113.5"
+    assert proxies.resolve("127.0.0.1", ["6.6.6.6, 203.0.113.5, 10.0.0.2"]) == "203.0.113.5"
+    assert proxies.resolve("127.0.0.1", ["6.6.6.6", "203.0.113.5"]) == "203.0.113.5"
+    assert proxies.resolve("::ffff:127.0.0.1", ["2001:db9::1"]) == "2001:db9::1"
+    assert proxies.resolve("2001:db8::1", ["[2001:db9::2]:443"]) == "2001:db9::2"
+    assert proxies.resolve("127.0.0.1", ["203.0.113.5:1234"]) == "203.0.113.5"
+    assert proxies.resolve("127.0.0.1", ["not-an-ip, 10.0.0.3"]) == "10.0.0.3"
+    assert proxies.resolve("127.0.0.1", ["10.0.0.3, 10.0.0.4"]) == "10.0.0.3"
+    assert proxies.resolve("127.0.0.1", [""]) == "127.0.0.1"
+    assert proxies.resolve("192.0.2.1", ["203.0.113.5"]) == "192.0.2.1"  # not a proxy of ours
+    nobody = ClientAddress(app, trusted=[])
+    assert nobody.networks == []
+
+
+def test_trusted_proxies_must_be_addresses(project: Project) -> None:
+    from mailer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        project.settings(MAILER_WEB_TRUSTED_PROXIES="proxy.example.org")
+    assert project.settings().web.trusted_proxies == []
+
+
+async def test_plus_tags_and_case_are_one_mailbox_for_the_limit(make_site: SiteFactory):
+    site = await make_site()
+    variants = ["a+1@example.org", "A+2@Example.org", "a@example.org", "a+news+x@example.org",
+                "A@EXAMPLE.ORG", "a+%@example.org"]
+    for i, address in enumerate(variants):
+        # From a new client address each time (the per-IP limit is not what stops this).
+        site.client._transport.client = (f"198.51.100.{i}", 40000)  # type: ignore[attr-defined]
+        assert (await site.subscribe(address)).status_code == 200
+    assert len(site.server.messages) == 3
+    assert (await site.subscribe("a@example.com")).status_code == 200  # another domain
+    assert (await site.subscribe("ab+1@example.org")).status_code == 200  # another mailbox
+    assert len(site.server.messages) == 5
+
+
+async def test_trailing_slash_redirects_stay_on_this_site(site: Site):
+    evil = {"Host": "evil.example"}
+    response = await site.client.get("/subscribe/?lang=en", headers=evil)
+    assert response.headers["location"] == "/subscribe?lang=en"
+    assert response.status_code == 308
+    for path in ("//evil.example/", "/\\evil.example/", "/nowhere/", "/Subscribe/",
+                 "//subscribe/", "/%09/subscribe/"):
+        response = await site.client.get(f"http://testserver{path}", headers=evil)
+        assert response.status_code == 404, path
+        assert "location" not in response.headers
+    posted = await site.client.post("/subscribe/", headers=evil, data={})
+    assert posted.status_code == 308 and posted.headers["location"] == "/subscribe"
+
+
+@pytest.mark.parametrize("path", [
+    "/Unsubscribe/{token}", "/UNSUBSCRIBE/{token}/", "/preferences/{token}?lang=de",
+    "/confirm/{token}", "/unsubscribe//{token}", "/{token}", "/x/{token}",
+    "/subscribe?email=secret%40example.org", "/secret%40example.org",
+])
+def test_no_access_log_line_shows_a_token_or_an_address(path: str) -> None:
+    from mailer.web.server import RedactPaths
+
+    token = Tokens("k").manage("secret@example.org", "newsletter")
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                               '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", path.format(token=token), "1.1", 404),
+                               None)
+    assert RedactPaths().filter(record)
+    line = record.getMessage()
+    assert token[:10] not in line and "secret" not in line, line
+    assert "…" in line
+
+
+async def test_a_refused_confirmation_mail_is_logged_without_the_address(
+        make_site: SiteFactory, caplog: pytest.LogCaptureFixture):
+    address = "refused.person@example.org"
+    site = await make_site(faults=Faults(rcpt={
+        address: (550, f"5.1.1 <{address}>: Recipient address rejected: {address} unknown")}))
+    with caplog.at_level(logging.DEBUG):
+        response = await site.subscribe(address)
+    assert response.status_code == 200
+    assert site.server.messages == []
+    lines = [r for r in caplog.records if r.name.startswith("mailer")]
+    warned = [r.getMessage() for r in lines if "confirmation mail was not sent" in r.getMessage()]
+    assert warned and "550" in warned[0] and "<address>" in warned[0], warned
+    assert all(address not in r.getMessage() and "refused.person" not in r.getMessage()
+               for r in lines if r.levelno >= logging.INFO), [r.getMessage() for r in lines]
+
+
+def test_log_filters_redact_addresses_and_throttle_floods() -> None:
+    from mailer.redact import redact_addresses
+    from mailer.web.server import RedactAddresses, Throttle
+
+    assert redact_addresses("550 <a.b+c@example.org>: no; also x@[192.0.2.1]") == (
+        "550 <address>: no; also <address>")
+    try:
+        raise ValueError("row for anna@example.org")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1,
+                                   "Exception for %s", ("anna@example.org",), sys.exc_info())
+    assert RedactAddresses().filter(record)
+    assert "anna@" not in record.getMessage() and "anna@" not in (record.exc_text or "")
+    now = [0.0]
+    throttle = Throttle(per_window=10, window_s=60, clock=lambda: now[0])
+    passed = 0
+    for i in range(10_000):
+        record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                                   f"socket.accept() out of system resource\nsocket: fd={i}",
+                                   None, None)
+        passed += throttle.filter(record)
+    assert passed == 10
+    now[0] = 61.0
+    assert throttle.filter(record) and "9990 more like this suppressed" in record.getMessage()
+
+
+async def test_an_ipv6_client_is_limited_per_64_network(make_site: SiteFactory):
+    site = await make_site()
+    transport: Any = site.client._transport
+    token = await site.form()
+    codes = []
+    for i in range(22):  # every request from another address of the same /64
+        transport.client = (f"2001:db8:1:2::{i + 1:x}", 40000)
+        codes.append((await site.client.post("/subscribe", data={
+            "csrf": token, "email": f"v6-{i}@example.org", "language": "de",
+            "lists": "newsletter"})).status_code)
+    assert codes == [200] * 20 + [429] * 2
+    transport.client = ("2001:db8:1:3::1", 40000)  # the next network is someone else
+    assert (await site.subscribe("other-net@example.org")).status_code == 200
+    with site.store.engine.connect() as conn:
+        ips = [r.ip for r in conn.execute(select(consent_events).order_by(consent_events.c.id))]
+    assert ips[0] == "2001:db8:1:2::1" and ips[-1] == "2001:db8:1:3::1"  # the full address

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from sqlalchemy import Connection
 from starlette.applications import Starlette
@@ -21,17 +22,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Match
 from starlette.templating import Jinja2Templates
 
 from ..config import Settings
+from ..redact import redact_addresses
 from ..store import Store, open_store
 from ..tokens import Tokens
 from ..transport import Transport
 from .i18n import LANGUAGE_NAMES, negotiate, strings, text_dir
 from .mails import send_confirmation
-from .security import Csrf, SecurityHeaders, SlidingWindow
+from .security import ClientAddress, Csrf, SecurityHeaders, SlidingWindow
+from .server import install_log_filters
 
 log = logging.getLogger("mailer.web")
 HERE = Path(__file__).parent
@@ -70,8 +74,11 @@ class Web:
         try:
             await send_confirmation(self.transport, self.settings, self.tokens, email=email,
                                     name=name, language=language, lists=lists, nonce=nonce)
-        except Exception:  # the page has been answered already; the log is all we can do
-            log.exception("a confirmation mail failed")
+        except Exception as exc:  # the page has been answered already; the log is all we have
+            # Exception texts quote the address (a refused recipient, a database row).
+            log.error("a confirmation mail failed: %s: %s", type(exc).__name__,
+                      redact_addresses(exc))
+            log.debug("a confirmation mail failed", exc_info=True)
 
 
 def create_app(
@@ -116,12 +123,20 @@ def create_app(
 
     app = Starlette(
         routes=routes(),
-        middleware=[Middleware(SecurityHeaders, hsts=web.csrf.secure)],
+        middleware=[
+            # First: the rate limits, the consent log and the access log see the real client.
+            Middleware(ClientAddress, trusted=settings.web.trusted_proxies),
+            Middleware(SecurityHeaders, hsts=web.csrf.secure),
+        ],
         exception_handlers={HTTPException: http_error, 500: server_error},
         lifespan=lifespan,
         max_body_size=MAX_BODY_BYTES,
     )
+    # Starlette's own slash redirect builds an absolute URL from the Host header (a redirect
+    # to any site named in a request); `http_error` redirects relatively instead.
+    app.router.redirect_slashes = False
     app.state.web = web
+    install_log_filters()
     return app
 
 
@@ -142,6 +157,8 @@ def page_language(request: Request, preferred: str = "") -> str:
 
 
 def client_ip(request: Request) -> str:
+    """The client's IP: the TCP peer, or behind a trusted proxy the address it forwards
+    (resolved by ClientAddress; never an X-Forwarded-For from anyone else)."""
     return request.client.host if request.client else ""
 
 
@@ -182,7 +199,10 @@ def csrf_ok(request: Request, form: FormData) -> bool:
 
 async def read_form(request: Request) -> FormData:
     """The posted form, small by construction: no files, few fields, short values."""
-    form = await request.form(max_files=0, max_fields=30, max_part_size=8 * 1024)
+    try:
+        form = await request.form(max_files=0, max_fields=30, max_part_size=8 * 1024)
+    except ClientDisconnect:  # gone, or cut off for sending too slowly: not a server error
+        raise HTTPException(400, "client disconnected") from None
     if any(isinstance(v, UploadFile) for _, v in form.multi_items()):
         raise HTTPException(400, "no files")
     return form
@@ -194,8 +214,28 @@ def message(request: Request, *, lang: str, title: str, text: str, status: int =
                   **context)
 
 
+def slash_redirect(request: Request) -> Response | None:
+    """For a 404: a relative redirect to the same path with the trailing slash toggled, when
+    that path exists. Never to another host: "//host" or "/\\host" paths are not redirected."""
+    path = request.scope["path"]
+    if path == "/" or path.startswith(("//", "/\\")):
+        return None
+    other = path.rstrip("/") if path.endswith("/") else path + "/"
+    if not other.startswith("/") or other.startswith(("//", "/\\")):
+        return None
+    scope = {**request.scope, "path": other}
+    if not any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+        return None
+    location = quote(other)  # percent-encoded: no tab or backslash for a browser to drop
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return RedirectResponse(location + (f"?{quote(query, safe='=&;%+')}" if query else ""),
+                            status_code=308)
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 400
+    if status == 404 and (redirect := slash_redirect(request)) is not None:
+        return redirect
     lang = page_language(request)
     t = strings(lang)
     text = t["not_found"] if status == 404 else t["invalid"] if status < 500 else t["error"]

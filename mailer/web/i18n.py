@@ -38,6 +38,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "confirmed": "Vielen Dank! Sie erhalten ab jetzt unsere E-Mails. Abmelden können Sie sich "
                      "mit einem Klick in jeder E-Mail.",
         "already": "Diese Anmeldung ist bereits bestätigt. Sie müssen nichts weiter tun.",
+        "confirm_title": "Anmeldung bestätigen",
+        "confirm_ask": "Möchten Sie {email} für „{lists}“ anmelden? Erst der Knopf bestätigt die "
+                       "Anmeldung.",
+        "confirm_button": "Ja, Anmeldung bestätigen",
         "invalid_title": "Dieser Link funktioniert nicht",
         "invalid": "Der Link ist unvollständig, verändert oder abgelaufen. Es wurde nichts "
                    "geändert. Bitte melden Sie sich bei Bedarf erneut an.",
@@ -54,8 +58,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "unsubscribed_all": "{email} erhält keine E-Mails des Trägerkreises IMAG mehr.",
         "preferences_link": "Einstellungen ändern",
         "err_email": "Bitte geben Sie eine gültige E-Mail-Adresse ein.",
-        "err_name": "Der Name darf höchstens 200 Zeichen lang sein und keine Zeilenumbrüche "
-                    "oder spitzen Klammern enthalten.",
+        "err_name": "Der Name darf höchstens 100 Zeichen lang sein und keine Web- oder "
+                    "E-Mail-Adressen, Zeilenumbrüche oder die Zeichen @ < > , ; : enthalten.",
         "err_language": "Bitte wählen Sie eine Sprache aus der Liste.",
         "err_lists": "Bitte wählen Sie mindestens eine Liste.",
         "err_form": "Das Formular ist abgelaufen. Bitte laden Sie die Seite neu und senden Sie "
@@ -102,6 +106,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "confirmed": "Thank you! You will receive our emails from now on. You can unsubscribe with "
                      "one click in every email.",
         "already": "This subscription is already confirmed. There is nothing more to do.",
+        "confirm_title": "Confirm your subscription",
+        "confirm_ask": "Do you want to subscribe {email} to “{lists}”? Only the button confirms "
+                       "the subscription.",
+        "confirm_button": "Yes, confirm my subscription",
         "invalid_title": "This link does not work",
         "invalid": "The link is incomplete, altered or expired. Nothing was changed. Please "
                    "subscribe again if you wish.",
@@ -118,8 +126,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "unsubscribed_all": "{email} will no longer receive any emails from the IMAG network.",
         "preferences_link": "Change preferences",
         "err_email": "Please enter a valid email address.",
-        "err_name": "The name may be at most 200 characters long, without line breaks or angle "
-                    "brackets.",
+        "err_name": "The name may be at most 100 characters long, without web or email "
+                    "addresses, line breaks or the characters @ < > , ; :",
         "err_language": "Please choose a language from the list.",
         "err_lists": "Please choose at least one list.",
         "err_form": "The form has expired. Please reload the page and send it again.",
@@ -165,6 +173,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "confirmed": "Teşekkürler! Bundan sonra e-postalarımızı alacaksınız. Her e-postadaki tek "
                      "tıkla abonelikten çıkabilirsiniz.",
         "already": "Bu abonelik zaten onaylanmış. Başka bir şey yapmanız gerekmiyor.",
+        "confirm_title": "Aboneliği onaylayın",
+        "confirm_ask": "{email} adresini „{lists}“ için kaydetmek istiyor musunuz? Abonelik ancak "
+                       "düğmeye bastığınızda onaylanır.",
+        "confirm_button": "Evet, aboneliği onayla",
         "invalid_title": "Bu bağlantı çalışmıyor",
         "invalid": "Bağlantı eksik, değiştirilmiş veya süresi dolmuş. Hiçbir şey değiştirilmedi. "
                    "İsterseniz lütfen yeniden abone olun.",
@@ -181,7 +193,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "unsubscribed_all": "{email} artık IMAG ağından hiçbir e-posta almayacak.",
         "preferences_link": "Ayarları değiştir",
         "err_email": "Lütfen geçerli bir e-posta adresi girin.",
-        "err_name": "Ad en fazla 200 karakter olabilir; satır sonu veya açılı ayraç içeremez.",
+        "err_name": "Ad en fazla 100 karakter olabilir; web veya e-posta adresi, satır sonu ya "
+                    "da @ < > , ; : karakterlerini içeremez.",
         "err_language": "Lütfen listeden bir dil seçin.",
         "err_lists": "Lütfen en az bir liste seçin.",
         "err_form": "Formun süresi doldu. Lütfen sayfayı yenileyip tekrar gönderin.",
@@ -227,6 +240,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "confirmed": "شكرًا لك! ستتلقى رسائلنا من الآن. يمكنك إلغاء الاشتراك بنقرة واحدة في كل "
                      "رسالة.",
         "already": "هذا الاشتراك مؤكد بالفعل. لا داعي لفعل أي شيء آخر.",
+        "confirm_title": "تأكيد الاشتراك",
+        "confirm_ask": "هل تريد اشتراك {email} في «{lists}»؟ لا يتأكد الاشتراك إلا بالضغط "
+                       "على الزر.",
+        "confirm_button": "نعم، أكِّد اشتراكي",
         "invalid_title": "هذا الرابط لا يعمل",
         "invalid": "الرابط غير مكتمل أو معدَّل أو منتهي الصلاحية. لم يتغير شيء. يُرجى الاشتراك "
                    "من جديد إن رغبت.",
@@ -243,7 +260,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "unsubscribed_all": "لن يتلقى {email} أي رسائل من شبكة IMAG بعد الآن.",
         "preferences_link": "تغيير الإعدادات",
         "err_email": "يُرجى إدخال عنوان بريد إلكتروني صالح.",
-        "err_name": "يجب ألا يزيد الاسم عن 200 حرف، وبدون فواصل أسطر أو أقواس زاوية.",
+        "err_name": "يجب ألا يزيد الاسم عن 100 حرف، وألا يحتوي على عناوين ويب أو بريد "
+                    "إلكتروني أو فواصل أسطر أو الرموز ‎@ < > , ; :",
         "err_language": "يُرجى اختيار لغة من القائمة.",
         "err_lists": "يُرجى اختيار قائمة واحدة على الأقل.",
         "err_form": "انتهت صلاحية النموذج. يُرجى إعادة تحميل الصفحة وإرساله مرة أخرى.",

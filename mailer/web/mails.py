@@ -7,13 +7,14 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from email import policy
-from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
 from markupsafe import escape
 
+from ..compose import CRLF, address_header
 from ..config import Settings
+from ..redact import redact_addresses
 from ..tokens import Tokens
 from ..transport import DeliveryResult, Outcome, Outgoing, Transport
 from .i18n import list_title, strings, text_dir
@@ -50,8 +51,6 @@ def confirmation_message(settings: Settings, *, email: str, name: str, language:
     )
     utf8 = not email.isascii()
     msg = EmailMessage(policy=policy.SMTPUTF8 if utf8 else policy.SMTP)
-    msg["From"] = Address(settings.sender.name, addr_spec=settings.sender.address)
-    msg["To"] = Address(name, addr_spec=email)
     msg["Subject"] = t["mail_subject"]
     msg["Date"] = format_datetime(datetime.fromtimestamp(now or time.time(), settings.tz))
     msg["Message-ID"] = make_msgid(domain=settings.msgid_domain)
@@ -62,7 +61,11 @@ def confirmation_message(settings: Settings, *, email: str, name: str, language:
     msg.set_content(text)
     msg.add_alternative(html, subtype="html")
     msg["Content-Language"] = language or "de"  # after set_content, which drops Content-*
-    return msg.as_bytes()
+    # From and To as campaign mails write them: the stdlib's folding of a long display name
+    # drops its quotes, and "Alice, evil@example.org BBBB…" would become two more recipients.
+    addresses = (address_header("From", settings.sender.name, settings.sender.address) + CRLF
+                 + address_header("To", name, email) + CRLF)
+    return addresses + msg.as_bytes()
 
 
 async def send_confirmation(transport: Transport, settings: Settings, tokens: Tokens, *,
@@ -73,6 +76,7 @@ async def send_confirmation(transport: Transport, settings: Settings, tokens: To
                                 lists=lists, url=url)
     result = await transport.send(Outgoing(key=0, sender=settings.sender.address,
                                            recipient=email, data=data))
-    if result.outcome != Outcome.SENT:
-        log.warning("a confirmation mail was not sent: %s %s", result.code, result.text)
+    if result.outcome != Outcome.SENT:  # the reply often quotes the address: not in the log
+        log.warning("a confirmation mail was not sent: %s %s", result.code,
+                    redact_addresses(result.text))
     return result

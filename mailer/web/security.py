@@ -1,12 +1,15 @@
-"""Security headers, CSRF tokens for the forms, and a per-client rate limit."""
+"""Security headers, CSRF tokens for the forms, the client's address behind a trusted proxy,
+per-client rate limits, and paths made fit for a log line."""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import re
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from itsdangerous import BadSignature, TimestampSigner
 from starlette.datastructures import MutableHeaders
@@ -112,3 +115,108 @@ class SlidingWindow:
             return False
         hits.append(now)
         return True
+
+
+# --- the client's address -------------------------------------------------------------------
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """An IP from a socket peer or an X-Forwarded-For entry ("[v6]:port" and "v4:port" too);
+    IPv4-mapped IPv6 as IPv4. None for anything else (a name, "unknown", garbage)."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def rate_key(client: str) -> str:
+    """What a per-client limit counts: the IP, and for IPv6 its /64 (one end user's network:
+    rotating through its addresses is free)."""
+    ip = parse_ip(client)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip) if ip is not None else client
+
+
+class ClientAddress:
+    """Pure ASGI middleware: puts the real client into `scope["client"]`, so that the rate
+    limits, the consent log and the access log all see the same address.
+
+    X-Forwarded-For is believed only when the TCP peer is one of `trusted` (IPs or networks):
+    its entries are read from the right (each proxy appends the address it was called from),
+    skipping trusted proxies; the first one that is not trusted is the client. From any other
+    peer the header is ignored: a client cannot make up its address.
+    """
+
+    def __init__(self, app: ASGIApp, *, trusted: Iterable[str] = ()) -> None:
+        self.app = app
+        self.networks = [ipaddress.ip_network(x, strict=False) for x in trusted]
+
+    def is_trusted(self, ip: IPAddress | None) -> bool:
+        return ip is not None and any(ip in net for net in self.networks)
+
+    def resolve(self, peer: str, forwarded: list[str]) -> str:
+        client = parse_ip(peer)
+        if not self.is_trusted(client):
+            return peer
+        hops = [hop for value in forwarded for hop in value.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            ip = parse_ip(hop)
+            if ip is None:  # not an address: only the client can have written that
+                break
+            client = ip
+            if not self.is_trusted(ip):
+                break
+        return str(client)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.networks and scope["type"] in ("http", "websocket") and scope.get("client"):
+            peer = scope["client"][0]
+            headers = scope.get("headers") or []
+            forwarded = [v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for"]
+            if forwarded:
+                resolved = self.resolve(peer, forwarded)
+                if resolved != peer:
+                    scope["client"] = (resolved, 0)
+                    proto = [v for k, v in headers if k == b"x-forwarded-proto"]
+                    if proto and proto[-1].strip().lower() in (b"http", b"https"):
+                        scope["scheme"] = proto[-1].strip().lower().decode()
+        await self.app(scope, receive, send)
+
+
+# --- paths in log lines ---------------------------------------------------------------------
+
+# The token routes, compared without case: whatever follows them is a token (an address).
+TOKEN_ROUTES = frozenset({"unsubscribe", "preferences", "confirm"})
+# A path segment shown as is: lower-case names like "subscribe", "imag.css", a campaign id.
+# Tokens are base64 with upper-case letters; an address has an @ (%40).
+_SAFE_SEGMENT = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
+_SAFE_QUERY = re.compile(r"lang=[a-z]{2,3}")
+REDACTED = "…"
+
+
+def redact_path(target: str) -> str:
+    """A request path (with query) fit for a log line: after /confirm/, /unsubscribe/ and
+    /preferences/ (any case) nothing is kept; elsewhere only lower-case plain segments; of
+    the query only `lang=`."""
+    path, question, query = target.partition("?")
+    head, *rest = path.split("/")
+    if rest and rest[0].lower() in TOKEN_ROUTES:
+        shown = [rest[0], REDACTED] if len(rest) > 1 else [rest[0]]
+    else:
+        shown = [x if not x or _SAFE_SEGMENT.fullmatch(x) else REDACTED for x in rest]
+    redacted = "/".join([head and REDACTED, *shown])
+    if question:
+        safe = all(_SAFE_QUERY.fullmatch(part) for part in query.split("&"))
+        redacted += "?" + (query if safe else REDACTED)
+    return redacted
