@@ -130,10 +130,16 @@ def subscribers_export(ctx: Ctx, list_name: str | None, fmt: str) -> None:
                                              "proof", "updated_at"], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        # A name starting with = + - @ would run as a formula in a spreadsheet (CSV injection).
-        row["name"] = "'" + row["name"] if row["name"][:1] in "=+-@" else row["name"]
-        writer.writerow(row)
+        writer.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
     click.echo(out.getvalue(), nl=False)
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A cell starting with = + - @ (or tab, CR) would run as a formula in a spreadsheet (CSV
+    injection, OWASP); `=cmd@example.org` is a valid address, so every field is checked."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 @subscribers.command("show")
