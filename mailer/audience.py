@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -14,14 +15,17 @@ from email_validator import EmailNotValidError, validate_email
 
 from .config import Settings
 from .errors import ListError
-from .yamlsrc import load_yaml, read_text
+from .yamlsrc import Budget, Located, load_yaml, read_text
 
 NAME_MAX = 200
 FIELD_MAX = 1000
 COLUMN_RE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 LANG_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z]{2,4})?$")
 RESERVED = frozenset({"email", "name", "language"})
-LIST_MAX_BYTES = 256 * 1024 * 1024  # a million rows fit; anything larger is a mistake
+LIST_MAX_BYTES = 256 * 1024 * 1024  # CSV: a million rows fit; anything larger is a mistake
+# YAML lists are kept by hand (partners.yaml); parsing YAML costs ~0.4 s and ~20 MB per MB of
+# file, so big lists belong in CSV. About 100,000 entries fit.
+YAML_LIST_BUDGET = Budget(max_bytes=8 * 1024 * 1024, max_values=1_000_000, max_aliases=100_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +121,18 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise ListError(f"CSV error: {exc}", path=path, line=reader.line_num) from None
 
 
+def _load_yaml_list(path: Path) -> Located:
+    with contextlib.suppress(OSError):  # read_text says why it cannot read the file
+        size = path.stat().st_size
+        if size > YAML_LIST_BUDGET.max_bytes:
+            raise ListError(f"file is {size // 1024} KiB, more than the "
+                            f"{YAML_LIST_BUDGET.max_bytes // 1024} KiB allowed for a YAML list: "
+                            "save big lists as CSV", path=path)
+    return load_yaml(path, error=ListError, budget=YAML_LIST_BUDGET)
+
+
 def _yaml_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    located = load_yaml(path, error=ListError, max_bytes=LIST_MAX_BYTES)
+    located = _load_yaml_list(path)
     data = located.data or []
     if not isinstance(data, list):
         raise ListError("a YAML list file must be a list of entries ('- email: …')", path=path,
@@ -232,7 +246,7 @@ def _file_columns(path: Path) -> set[str]:
         header = next(csv.reader([first]), [])
         cols = {h.strip().lower() for h in header}
     else:
-        rows = load_yaml(path, error=ListError, max_bytes=LIST_MAX_BYTES).data or []
+        rows = _load_yaml_list(path).data or []
         keys = [set(map(str, r)) for r in rows if isinstance(r, dict)] if isinstance(rows, list) \
             else []
         cols = set.intersection(*keys) if keys else set()

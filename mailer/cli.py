@@ -43,20 +43,31 @@ def setup_logging() -> None:
 @user_errors
 def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
     """Check campaign files (all of campaigns/ when none given)."""
+    import logging
+
     from .campaign import campaign_files, find_campaign
     from .checks import check_campaign
 
+    log = logging.getLogger("mailer.cli")
     settings = ctx.settings
-    paths = [find_campaign(c, settings) for c in campaigns] or campaign_files(settings)
-    if not paths:
+    targets: list[str | Path] = [*campaigns] or [*campaign_files(settings)]
+    if not targets:
         fail(f"no campaign files in {settings.campaigns_dir}")
     problems = 0
-    for path in paths:
+    for target in targets:  # one broken file is reported; the others are still checked
         try:
+            path = find_campaign(target, settings) if isinstance(target, str) else target
             checked = check_campaign(path, settings)
         except UserError as exc:
             problems += 1
             click.echo(f"error: {exc.sentence()}", err=True)
+            continue
+        except Exception as exc:  # a bug further down: report it, then check the other files
+            problems += 1
+            log.debug("checking %s crashed", target, exc_info=True)  # MAILER_LOG_LEVEL=DEBUG
+            detail = " ".join(str(exc).split())[:300]
+            click.echo(f"error: {target}: could not be checked ({type(exc).__name__}: "
+                       f"{detail}); please report this", err=True)
             continue
         for warning in checked.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -66,7 +77,7 @@ def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
         click.echo(f"ok: {path} — {c.id}, {', '.join(c.languages)}, "
                    f"{len(checked.recipients)} recipients from list files{extra}")
     if problems:
-        click.echo(f"{problems} of {len(paths)} campaign files have problems", err=True)
+        click.echo(f"{problems} of {len(targets)} campaign files have problems", err=True)
         sys.exit(1)
 
 

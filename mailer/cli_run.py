@@ -78,15 +78,21 @@ def schedule(ctx: Ctx, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    if not rows:
+    if not [row for row in rows if not row.get("error")]:
         click.echo(f"no scheduled campaigns in {settings.campaigns_dir}")
-    for row in rows:
-        click.echo(_line(row))
+    for row in rows:  # broken files on stderr, like `mailer validate` reports them
+        click.echo(_line(row), err=bool(row.get("error")))
 
 
 def _line(row: dict[str, Any]) -> str:
     if row.get("error"):
-        return f"{row['file']}: error: {row['error']}"
+        kept = row.get("kept")
+        if not kept:
+            return f"error: {row['error']}"
+        when = f"next {kept['next_local'][:16].replace('T', ' ')} local" if kept["next_local"] \
+            else "no next fire"
+        return (f"error: {row['error']} (mailer run keeps the last good schedule "
+                f"of {kept['campaign']}: {kept['schedule']}; {when})")
     nxt = row["next_local"]
     when = "no next fire"
     if nxt:

@@ -36,6 +36,17 @@ time, written as UTC ISO 8601 ("2026-12-01T08:00:00+00:00"). The ledger's unique
 occurrence) makes a second fire find the run and at most resume it. A missed one-off is recorded
 under "once-missed", so `mailer send` can still send it.
 
+A campaign file that does not pass `check_campaign` (a typo, a YAML bomb, a bug further down)
+is reported once per change at WARNING (`event=campaign-invalid`, one sentence) and skipped; the
+other files run on. If it was good before, its job keeps the last good version, schedule and
+content, the way a web server or Kubernetes keeps its last good configuration when a reload
+fails: a slip made while editing must not silently cancel a newsletter people expect, and an
+irreversible send of a half-edited file is not possible either, since only a version that passed
+every check is ever sent. A fire that uses it says so (`event=fire-last-good`, WARNING) and
+`mailer schedule` lists the file as broken with the schedule kept. A process started while the
+file is broken has the job but no good version: its fires are skipped with a warning until the
+file is fixed (a one-off then fires late within `misfire_grace_s`, or is recorded as missed).
+
 One scheduler per database: a PostgreSQL session advisory lock on a dedicated connection, or an
 exclusive `flock` on `<var>/scheduler.lock` for SQLite. The follower polls and takes over.
 """
@@ -342,8 +353,11 @@ async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[dateti
 
 @dataclass
 class Known:
+    """A campaign file as last seen: its stamp, the id it last validated with, its error now."""
+
     stamp: tuple[int, int]
     campaign_id: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -403,18 +417,24 @@ class Runner:
         return dirty
 
     def _load(self, path: Path) -> None:
+        """Check one file; a broken one is reported and skipped, never the end of `mailer run`."""
+        known = self.files[path]
         try:
             checked = check_campaign(path, self.settings)
         except UserError as exc:
-            keeps = self.files[path].campaign_id
-            log_event("campaign-invalid", level=logging.ERROR, file=path.name,
-                      keeps=keeps and "last good schedule", error=exc.sentence())
+            known.error = exc.sentence()
+        except Exception as exc:  # a bug further down the pipeline: still only this file
+            known.error = _sentence(exc, path)
+        else:
+            known.error = None
+            campaign = checked.campaign
+            known.campaign_id = campaign.id
+            self.good[campaign.id] = (path, checked)
+            log_event("campaign-loaded", campaign=campaign.id, file=path.name,
+                      schedule=_describe(campaign))
             return
-        campaign = checked.campaign
-        self.files[path].campaign_id = campaign.id
-        self.good[campaign.id] = (path, checked)
-        log_event("campaign-loaded", campaign=campaign.id, file=path.name,
-                  schedule=_describe(campaign))
+        log_event("campaign-invalid", level=logging.WARNING, file=path.name,
+                  keeps=known.campaign_id and "its last good version", error=known.error)
 
     def checked(self, campaign_id: str) -> tuple[Path, Checked] | None:
         if self.changed():
@@ -436,7 +456,11 @@ class Runner:
             scheduler.remove_job(job.id)
             log_event("job-removed", campaign=job.id)
         for path, checked in wanted.values():
-            self._ensure_job(scheduler, checked.campaign, path)
+            try:
+                self._ensure_job(scheduler, checked.campaign, path)
+            except Exception:  # one campaign's job must not keep the others from theirs
+                log.error("event=job-failed campaign=%s file=%s", checked.campaign.id,
+                          path.name, exc_info=True)
 
     def _ensure_job(self, scheduler: AsyncIOScheduler, campaign: Campaign, path: Path) -> None:
         name = fingerprint(campaign, self.settings, path)
@@ -494,6 +518,11 @@ class Runner:
                       reason="no valid campaign file with this id any more")
             return
         path, checked = found
+        broken = self.files.get(path)
+        if broken is not None and broken.error:
+            log_event("fire-last-good", level=logging.WARNING, campaign=campaign_id,
+                      file=path.name, error=broken.error,
+                      note="the file is broken; its last good version is used")
         decision = decide(checked.campaign, run_times, now=self.now(),
                           grace_s=self.settings.scheduler.misfire_grace_s, zone=self.settings.tz)
         if not is_fire_time(checked.campaign, self.settings, decision.scheduled_at):
@@ -728,33 +757,78 @@ def _utc(when: datetime | None) -> str | None:
 
 def schedule_overview(settings: Settings, store: Store, *, now: datetime | None = None
                       ) -> list[dict[str, Any]]:
-    """Every scheduled campaign: next fire (local and UTC), last run and its status, misses."""
-    from .campaign import load_campaign
+    """Every scheduled campaign: next fire (local and UTC), last run and its status, misses.
 
+    Files are checked as `mailer run` checks them (list contents aside, which `mailer validate`
+    reads): a broken one is listed with its error and, when the job store still holds a job for
+    it, the last good schedule `mailer run` keeps.
+    """
     now = now or utcnow()
+    kept: dict[str, dict[str, Any]] | None = None
     out: list[dict[str, Any]] = []
     for path in campaign_files(settings):
         try:
-            campaign = load_campaign(path, settings)
-        except UserError as exc:
-            out.append({"file": path.name, "campaign": None, "error": exc.sentence()})
+            campaign = check_campaign(path, settings, with_audience=False).campaign
+        except Exception as exc:  # one sentence per broken file; the others are still listed
+            if kept is None:
+                kept = kept_jobs(store, settings)
+            out.append({"file": path.name, "campaign": None, "error": _sentence(exc, path),
+                        "kept": kept.get(path.name)})
             continue
         if campaign.schedule is None:
             continue
-        with store.engine.connect() as conn:
-            last = q.last_run(conn, campaign.id)
-            missed = q.runs_with_status(conn, campaign.id, RunStatus.MISSED)
-            done = one_off_done(conn, campaign.id) if campaign.schedule.at else None
-        nxt = None if done is not None else next_fire(campaign, settings, now)
-        out.append({
-            "file": path.name, "campaign": campaign.id, "schedule": _describe(campaign),
-            "next_local": _local(nxt, settings), "next_utc": _utc(nxt),
-            "last_run": None if last is None else {
-                "id": last.id, "occurrence": last.occurrence, "status": last.status,
-                "trigger": last.trigger, "scheduled_utc": _utc(last.scheduled_at),
-                "late_s": last.late_s, "total": last.total,
-                "finished_utc": _utc(last.finished_at)},
-            "missed": [{"occurrence": r.occurrence, "scheduled_utc": _utc(r.scheduled_at),
-                        "note": r.note} for r in missed],
-        })
+        out.append(_overview_row(campaign, path, settings, store, now))
+    return out
+
+
+def _sentence(exc: Exception, path: Path) -> str:
+    """One line for a file that did not pass the checks; a bug's traceback goes to the log."""
+    if isinstance(exc, UserError):
+        return exc.sentence()
+    log.error("event=campaign-check-crashed file=%s", path.name, exc_info=True)
+    detail = " ".join(str(exc).split())[:300]
+    return f"{path}: could not be checked ({type(exc).__name__}: {detail}); please report this"
+
+
+def _overview_row(campaign: Campaign, path: Path, settings: Settings, store: Store,
+                  now: datetime) -> dict[str, Any]:
+    assert campaign.schedule is not None
+    with store.engine.connect() as conn:
+        last = q.last_run(conn, campaign.id)
+        missed = q.runs_with_status(conn, campaign.id, RunStatus.MISSED)
+        done = one_off_done(conn, campaign.id) if campaign.schedule.at else None
+    nxt = None if done is not None else next_fire(campaign, settings, now)
+    return {
+        "file": path.name, "campaign": campaign.id, "schedule": _describe(campaign),
+        "next_local": _local(nxt, settings), "next_utc": _utc(nxt),
+        "last_run": None if last is None else {
+            "id": last.id, "occurrence": last.occurrence, "status": last.status,
+            "trigger": last.trigger, "scheduled_utc": _utc(last.scheduled_at),
+            "late_s": last.late_s, "total": last.total,
+            "finished_utc": _utc(last.finished_at)},
+        "missed": [{"occurrence": r.occurrence, "scheduled_utc": _utc(r.scheduled_at),
+                    "note": r.note} for r in missed],
+    }
+
+
+def kept_jobs(store: Store, settings: Settings) -> dict[str, dict[str, Any]]:
+    """The jobs in the store by the file they came from (read-only; `mailer run` owns them)."""
+    import pickle
+
+    from sqlalchemy import inspect
+
+    if JOB_TABLE not in inspect(store.engine).get_table_names():
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    with store.engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT id, job_state FROM {JOB_TABLE}")).all()
+    for job_id, job_state in rows:
+        try:  # our own rows, pickled by APScheduler's SQLAlchemyJobStore
+            state = pickle.loads(job_state)
+            file, _, rest = str(state["name"]).partition("|")
+            nxt = state["next_run_time"]
+        except Exception:
+            continue  # not ours to judge: mailer run reports jobs it cannot restore
+        out[file] = {"campaign": job_id, "schedule": rest.rpartition("|")[0],
+                     "next_local": _local(nxt, settings), "next_utc": _utc(nxt)}
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
 import signal
@@ -396,3 +397,105 @@ async def test_a_fire_lost_between_job_store_and_ledger_is_caught_up(project: Pr
     # Starting once more finds the occurrence in the ledger and does not send it again.
     assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 15) == 0
     assert [r.occurrence for r in runs_of(settings, "minutely")].count(lost.isoformat()) == 1
+
+
+# --- broken campaign files never stop the scheduler (issue 8, trust boundaries) -----------------
+
+BROKEN = {  # each took `mailer run` down before the loader had budgets: (text, line)
+    "deep.yaml": ("[" * 100_000 + "\n", 1),
+    "digits.yaml": (campaign_text('at: "2030-01-01 09:00"') + "extra: " + "9" * 5000 + "\n", 5),
+}
+
+
+def invalid_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if "event=campaign-invalid" in r.getMessage() and f"file={name}" in r.getMessage()
+            and r.levelno == logging.WARNING]
+
+
+async def test_broken_files_are_skipped_and_the_others_fire(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailer.scheduler")
+    settings = fast(project.settings())
+    project.campaign("due.yaml", at_text(datetime.now(UTC) - timedelta(minutes=5)))
+    for name, (text, _) in BROKEN.items():
+        project.campaign(name, text)
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 30) == 0
+    [run] = runs_of(settings, "due")
+    assert run.status == RunStatus.FINISHED and len(outbox(settings)) == run.total > 0
+    for name, (_, number) in BROKEN.items():
+        [line] = invalid_lines(caplog, name)
+        assert "\n" not in line and f"{name}, line {number}: " in line
+    rows = {row["file"]: row for row in schedule_overview(settings, open_store(
+        settings.database_url))}
+    assert "nested more than" in rows["deep.yaml"]["error"] and rows["deep.yaml"]["kept"] is None
+    assert "4,300 digits" in rows["digits.yaml"]["error"] and rows["due.yaml"]["last_run"]
+
+
+async def test_an_unexpected_error_checking_one_file_does_not_stop_the_others(
+        project: Project, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug further down the pipeline (not a UserError) costs one file, not the scheduler."""
+    from mailer import scheduler
+
+    def check(path: Path, *args: object, **kwargs: object) -> object:
+        if path.name == "bug.yaml":
+            raise RuntimeError("a bug in a later stage")
+        return real(path, *args, **kwargs)
+
+    real = scheduler.check_campaign
+    monkeypatch.setattr(scheduler, "check_campaign", check)
+    settings = fast(project.settings())
+    project.campaign("due.yaml", at_text(datetime.now(UTC) - timedelta(minutes=5)))
+    project.campaign("bug.yaml", at_text(datetime.now(UTC) - timedelta(minutes=5)))
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 30) == 0
+    assert [r.status for r in runs_of(settings, "due")] == [RunStatus.FINISHED]
+    assert runs_of(settings, "bug") == []
+    [line] = invalid_lines(caplog, "bug.yaml")
+    assert "RuntimeError: a bug in a later stage" in line
+    assert [r for r in caplog.records if "campaign-check-crashed" in r.getMessage()
+            and r.exc_info and r.levelno == logging.ERROR]
+
+
+async def test_a_fire_after_the_file_broke_sends_the_last_good_version_and_says_so(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    t = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
+    path = project.campaign("slip.yaml", at_text(t))
+    runner = runner_for(project, t)
+    path.write_text("[" * 100_000, encoding="utf-8")  # the slip, just before the fire
+    await runner.fire("slip", [t])
+    [run] = runs_of(runner.settings, "slip")
+    assert run.status == RunStatus.FINISHED and len(outbox(runner.settings)) == run.total > 0
+    assert invalid_lines(caplog, "slip.yaml")
+    [kept] = [r for r in caplog.records if "event=fire-last-good" in r.getMessage()]
+    assert kept.levelno == logging.WARNING and "slip.yaml" in kept.getMessage()
+
+
+async def test_a_file_broken_while_running_keeps_its_job_and_shows_as_broken(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    settings = fast(project.settings())
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    path = project.campaign("later.yaml", at_text(when))
+    project.campaign("other.yaml", at_text(when + timedelta(hours=1)))
+    running = Running(settings, project)
+    try:
+        await until(lambda: sorted(jobs(settings)) == ["later", "other"], 5)
+        path.write_text("[" * 100_000, encoding="utf-8")
+        await until(lambda: invalid_lines(caplog, "later.yaml"), 5)
+        await asyncio.sleep(1.0)  # a few more polls: nothing else happens to it
+        assert not running.task.done() and sorted(jobs(settings)) == ["later", "other"]
+        assert len(invalid_lines(caplog, "later.yaml")) == 1  # once per change, not per poll
+        store = open_store(settings.database_url)
+        [row] = [r for r in schedule_overview(settings, store) if r["file"] == "later.yaml"]
+        assert "nested more than" in row["error"] and row["kept"]["campaign"] == "later"
+        assert row["kept"]["next_utc"] == when.isoformat()
+        env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config)}
+        shown = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "mailer", "schedule"], capture_output=True,
+            text=True, env=env, cwd=project.root, timeout=60)
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr
+        [line] = [x for x in shown.stderr.splitlines() if "later.yaml" in x]
+        assert line.startswith("error: ") and "keeps the last good schedule of later" in line
+        assert "other: at " in shown.stdout
+    finally:
+        assert await running.close() == 0
