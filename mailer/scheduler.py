@@ -77,6 +77,7 @@ from .campaign import Campaign, campaign_files, resolve_local
 from .checks import Checked, check_campaign
 from .config import Settings, load_settings
 from .errors import UserError
+from .files import private_dir
 from .sending import ONCE  # the occurrence of a one-off campaign, shared with `mailer send`
 from .store import RunStatus, Store, open_store
 from .store import queries as q
@@ -216,8 +217,8 @@ class FileLeader:
     def try_acquire(self) -> bool:
         if self._fd is not None:
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -377,7 +378,7 @@ class Runner:
     def __post_init__(self) -> None:
         # The embedded capture server files mail under var/outbox/ but does not create var/
         # (absent on a fresh PostgreSQL setup, where no SQLite file put it there).
-        self.settings.var_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.var_dir)
 
     # -- campaign files --------------------------------------------------------------------
 
