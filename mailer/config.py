@@ -264,6 +264,13 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError(
             "secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
             path=path, line=located.line(("secret_key",)), field="secret_key")
+    for block in ("sender", "organisation", "smtp", "scheduler", "web"):
+        value = located.data.get(block)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(
+                f"'{block}' must be a block of keys and values (indented lines below it), "
+                f"not {type(value).__name__}", path=path, line=located.line((block,)),
+                field=block)
     if "password" in (located.data.get("smtp") or {}):
         raise ConfigError(
             "secrets belong in the environment: remove it and set MAILER_SMTP_PASSWORD",

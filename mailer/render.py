@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import yaml
 from babel.dates import format_date, format_time
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -32,6 +31,7 @@ from .audience import Recipient
 from .campaign import RTL_LANGUAGES, Campaign, Event, read_attachments, resolve_local
 from .config import Settings
 from .errors import CampaignError, TemplateError
+from .yamlsrc import load_yaml
 
 PLACEHOLDER = "Mf7q{}q7fM"
 PLACEHOLDER_RE = re.compile(r"Mf7q(\d+)q7fM")
@@ -255,13 +255,25 @@ def _stage1(templates_dir: Path) -> jinja2.Environment:
     )
 
 
-@functools.cache
 def _strings(templates_dir: Path) -> dict[str, dict[str, str]]:
     path = templates_dir / "strings.yaml"
-    if not path.exists():
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
         return {"de": {}}
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return {str(k): dict(v) for k, v in data.items()}
+    return _read_strings(path, stamp)  # keyed by mtime: a running `mailer run` sees edits
+
+
+@functools.lru_cache(maxsize=8)
+def _read_strings(path: Path, stamp: int) -> dict[str, dict[str, str]]:
+    located = load_yaml(path, error=TemplateError)
+    data = located.data or {}
+    if not isinstance(data, dict) or not all(
+            isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+            for v in data.values()):
+        raise TemplateError("strings.yaml must map each language to texts, e.g. "
+                            "de: {unsubscribe: Abmelden}", path=path, line=1)
+    return {str(k): {str(n): t for n, t in v.items()} for k, v in data.items()}
 
 
 def ui_strings(settings: Settings, lang: str) -> dict[str, str]:

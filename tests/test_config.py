@@ -36,6 +36,8 @@ def test_shipped_config_with_environment_overrides(project: Project) -> None:
     ("timezone: Europe/Berlin", "timezone: Europe/Dortmund", "unknown time zone"),
     ("  pool_size: 4", "  pool_sise: 4", "did you mean 'pool_size'"),
     ("base_url: http://127.0.0.1:8000", "base_url: imag.example.org", "https://"),
+    ("smtp:\n", "smtp: 5\nnot_smtp:\n", "'smtp' must be a block"),
+    ("web:\n", "web: [a]\nnot_web:\n", "'web' must be a block"),
 ])
 def test_bad_config_is_one_sentence_with_the_line(project: Project, old: str, new: str,
                                                   words: str) -> None:

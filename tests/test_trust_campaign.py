@@ -183,3 +183,16 @@ def test_attachment_name_cannot_break_its_header(project: Project) -> None:
     msg = email.message_from_bytes(data, policy=email.policy.default)
     (att,) = [p for p in msg.iter_attachments() if p.get_content_type() == "application/pdf"]
     assert att.get_filename() == name and att.get_content() == b"%PDF-1.4"
+
+
+@pytest.mark.parametrize("content", [
+    'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+    'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n'
+    'e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n',
+    "de: [1, 2]\n", "de: {unsubscribe: [x]}\n", "de: {a: b\n"])
+def test_a_bad_strings_file_is_one_sentence(project: Project, content: str) -> None:
+    (project.root / "templates" / "strings.yaml").write_text(content, encoding="utf-8")
+    project.campaign("good.yaml", GOOD)
+    result = mailer_cli(project, "validate", "campaigns/good.yaml")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "strings.yaml" in result.stderr.strip().splitlines()[0], result.stderr
