@@ -17,7 +17,7 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -38,35 +38,52 @@ from .transport import DeliveryResult, Outcome, Outgoing, Transport
 
 log = logging.getLogger("mailer.dispatch")
 
-LEASE_S = 600.0  # a claim older than this is abandoned even if its owner looks alive
+LEASE_S = 600.0  # a claim by another machine's worker older than this is abandoned
 IDLE_POLL_S = 1.0
-_LIVE: set[str] = set()  # worker ids of the dispatchers running in this process
+MAX_BACKOFF_S = 6 * 3600.0
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def _dead(claimed_by: str | None, claimed_at: datetime | None, now: datetime, me: str) -> bool:
-    """Is the worker that claimed this row gone (so the row may be retried)?"""
-    if claimed_at is None or (now - claimed_at).total_seconds() > LEASE_S or not claimed_by:
+def is_stale(claimed_by: str | None, claimed_at: datetime | None, now: datetime, *, me: str,
+             live: Collection[str]) -> bool:
+    """May another worker take over a row claimed by `claimed_by` (is that worker gone)?
+
+    A worker on this machine can be asked: the claim of a running one is never stale, however
+    long its transactions take (a slow relay, a rate limit); the claim of a process that has
+    ended is. `live` holds the ids of the dispatchers running in this process. A worker on
+    another machine cannot be asked: its claim is stale once it is older than the lease.
+    """
+    if not claimed_by:
         return True
     host, _, rest = claimed_by.partition(":")
     pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine's worker: wait for its lease to run out
-    if claimed_by == me:
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return claimed_by not in _LIVE  # a dispatcher of this process that has finished
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if host == socket.gethostname() and pid_text.isdigit():
+        return not _running_here(claimed_by, int(pid_text), me=me, live=live)
+    return claimed_at is None or (now - claimed_at).total_seconds() > LEASE_S
+
+
+def _running_here(worker: str, pid: int, *, me: str, live: Collection[str]) -> bool:
+    if worker == me:
         return True
-    except PermissionError:
+    if pid == os.getpid():
+        return worker in live  # a dispatcher of this process (or of an earlier one, same pid)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
         return False
-    return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def backoff_s(attempts: int, base_s: float) -> float:
+    """The wait before the next attempt after `attempts` tries: base × 2^(attempts-1), at most
+    six hours, with ±20 % jitter so that the retries of a batch do not march in step."""
+    delay = base_s * 2.0 ** min(max(attempts - 1, 0), 30)
+    return min(delay, MAX_BACKOFF_S) * random.uniform(0.8, 1.2)
 
 
 class Progress(Protocol):
@@ -88,9 +105,14 @@ class RunResult:
 
 
 class GroupCommit:
-    """Workers submit results and wait; whatever piles up during one write goes in the next."""
+    """Workers submit results and wait; whatever piles up during one write goes in the next.
 
-    def __init__(self, write: Callable[[list[Any]], None]) -> None:
+    `submit` returns only once the write that holds the item has committed, and raises what
+    that write raised: a worker never starts its next SMTP transaction before the result of
+    the last one is safe in the ledger.
+    """
+
+    def __init__(self, write: Callable[[list[Any]], Awaitable[None]]) -> None:
         self._write = write
         self._items: list[Any] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -109,7 +131,7 @@ class GroupCommit:
             items, waiters = self._items, self._waiters
             self._items, self._waiters = [], []
             try:
-                await asyncio.to_thread(self._write, items)
+                await self._write(items)
             except BaseException as exc:  # every waiter learns about a failed write
                 for w in waiters:
                     if not w.done():
@@ -132,22 +154,25 @@ class Dispatcher:
     batch_size: int = 200
     worker: str = field(default_factory=worker_id)
     now: Callable[[], datetime] = q.utcnow
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     def __post_init__(self) -> None:
         self._commit = GroupCommit(self._write)
         self._auth_error: AuthenticationFailure | None = None
+        self._write_error: BaseException | None = None
         self._sent_now = 0
         self._started = 0
 
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self, run: q.Run) -> RunResult:
-        _LIVE.add(self.worker)
+        # The store's registry of this process's running dispatchers: another dispatcher of
+        # this process on the same run leaves our claims alone while we run.
+        live = self.store.workers
+        live.add(self.worker)
         try:
             return await self._run(run)
         finally:
-            _LIVE.discard(self.worker)
+            live.discard(self.worker)
 
     async def _run(self, run: q.Run) -> RunResult:
         recovered = await self._tx(lambda c: self._recover(c, run.id))
@@ -218,14 +243,24 @@ class Dispatcher:
 
         async def one(row: q.Claimed) -> None:
             async with gate:
-                if self.stop.is_set():
+                if self.stop.is_set() or self._write_error is not None:
                     unsent.append(row.id)
                     return
-                await self._deliver(row)
+                try:
+                    await self._deliver(row)
+                except Exception as exc:
+                    # The ledger could not record a result (the database is failing): start
+                    # no further transaction, whose result could not be recorded either - the
+                    # rows caught `sending` stay within the in-flight window and are retried.
+                    if self._write_error is None:
+                        self._write_error = exc
 
         await asyncio.gather(*(one(r) for r in todo))
         if unsent:
-            await self._tx(lambda c: q.release(c, unsent))
+            with contextlib.suppress(Exception):  # if this fails too, recovery requeues them
+                await self._tx(lambda c: q.release(c, unsent))
+        if self._write_error is not None:
+            raise self._write_error
         return len(rows) - len(unsent)
 
     async def _deliver(self, row: q.Claimed) -> None:
@@ -263,44 +298,41 @@ class Dispatcher:
         if result.outcome == Outcome.TEMPORARY and row.attempts < self.settings.smtp.max_attempts:
             return q.Outcome(id=row.id, status=DeliveryStatus.PENDING, smtp_code=result.code,
                              smtp_text=text, message_id=mid,
-                             next_attempt_at=now + timedelta(seconds=self.backoff_s(row.attempts)))
+                             next_attempt_at=now + timedelta(
+                                 seconds=backoff_s(row.attempts, self.settings.smtp.retry_base_s)))
         if result.outcome == Outcome.TEMPORARY:
             text = f"gave up after {row.attempts} attempts: {text}"[:500]
         return _Failed(id=row.id, status=DeliveryStatus.FAILED, smtp_code=result.code,
                        smtp_text=text, message_id=mid,
                        suppress_key=row.email_key if result.suppress else None)
 
-    def backoff_s(self, attempts: int) -> float:
-        """Exponential backoff with ±20 % jitter, so retries of a batch do not march in step."""
-        base = self.settings.smtp.retry_base_s * (2 ** max(attempts - 1, 0))
-        return min(base, 6 * 3600) * random.uniform(0.8, 1.2)
-
     # -- the store -------------------------------------------------------------------------
 
-    def _write(self, batches: list[list[q.Outcome]]) -> None:
+    async def _write(self, batches: list[list[q.Outcome]]) -> None:
         outcomes = [o for batch in batches for o in batch]
-        with self.store.engine.begin() as conn:
-            q.record(conn, outcomes)
-            for o in outcomes:
-                if isinstance(o, _Failed) and o.suppress_key:
-                    # RFC 3463 5.1.x: the mailbox does not exist; never send to it again.
-                    q.suppress(conn, o.suppress_key, reason="hard_bounce",
-                               source="smtp", detail=f"{o.smtp_code} {o.smtp_text}")
+        await self._tx(lambda conn: self._record(conn, outcomes))
+
+    @staticmethod
+    def _record(conn: Connection, outcomes: list[q.Outcome]) -> None:
+        q.record(conn, outcomes)
+        for o in outcomes:
+            if isinstance(o, _Failed) and o.suppress_key:
+                # RFC 3463 5.1.x: the mailbox does not exist; never send to it again.
+                q.suppress(conn, o.suppress_key, reason="hard_bounce",
+                           source="smtp", detail=f"{o.smtp_code} {o.smtp_text}")
 
     def _recover(self, conn: Connection, run_id: int) -> int:
         now = self.now()
-        dead = [i for i, by, at in q.stuck_sending(conn, run_id) if _dead(by, at, now, self.worker)]
-        count = q.requeue(conn, dead)
+        live = set(self.store.workers)
+        stale = [i for i, by, at in q.stuck_sending(conn, run_id)
+                 if is_stale(by, at, now, me=self.worker, live=live)]
+        count = q.requeue(conn, stale)
         if count:
             q.add_recovered(conn, run_id, count)
         return count
 
     async def _tx(self, fn: Callable[[Connection], Any]) -> Any:
-        def work() -> Any:
-            with self.store.engine.begin() as conn:
-                return fn(conn)
-
-        return await asyncio.to_thread(work)
+        return await q.in_transaction(self.store.engine, fn)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,10 +22,9 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.engine.dialect.name == "sqlite"
+        # Worker ids of the dispatchers of this process running on this store: their ledger
+        # claims are never taken over by another dispatcher of the process (dispatch.py).
+        self.workers: set[str] = set()
 
     @property
     def is_postgres(self) -> bool:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .tables import DeliveryStatus, RunStatus, deliveries, runs, suppressions
@@ -16,6 +17,17 @@ from .tables import DeliveryStatus, RunStatus, deliveries, runs, suppressions
 INSERT_CHUNK = 2000
 GLOBAL = "*"
 HASH_PREFIX = "sha256:"
+T = TypeVar("T")
+
+
+async def in_transaction(engine: Engine, fn: Callable[[Connection], T]) -> T:
+    """Run `fn` in one transaction in a worker thread, off the event loop; commit on return."""
+
+    def work() -> T:
+        with engine.begin() as conn:
+            return fn(conn)
+
+    return await asyncio.to_thread(work)
 
 
 def hashed_key(key: str) -> str:
