@@ -27,6 +27,8 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLS
 CONFIRM_MAX_AGE_S = 7 * 24 * 3600
 MAX_TOKEN_CHARS = 1024  # far above any real token; longer input is not even decoded
 _SEP = "\x00"  # cannot occur in an address, a list name or a campaign id
+INVALID = "this link is not valid (altered or incomplete)"
+EXPIRED = "this confirmation link has expired; please subscribe again"
 
 
 class TokenError(ValueError):
@@ -53,14 +55,14 @@ class Tokens:
 
     def _open(self, purpose: bytes, token: str, count: int) -> list[str]:
         if len(token) > MAX_TOKEN_CHARS:
-            raise TokenError("this link is not valid (altered or incomplete)")
+            raise TokenError(INVALID)
         try:
-            data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            data = base64.urlsafe_b64decode(token + "==")  # surplus padding is ignored
             fields = self._siv.decrypt(data, [purpose]).decode("utf-8").split(_SEP)
         except (InvalidTag, ValueError, binascii.Error):
-            raise TokenError("this link is not valid (altered or incomplete)") from None
+            raise TokenError(INVALID) from None
         if len(fields) != count:
-            raise TokenError("this link is not valid (altered or incomplete)")
+            raise TokenError(INVALID)
         return fields
 
     # -- unsubscribe and preferences --------------------------------------------------------
@@ -78,7 +80,7 @@ class Tokens:
         try:
             email, list_name, campaign = self._legacy_manage.loads(token)
         except (BadSignature, ValueError, TypeError):
-            raise TokenError("this link is not valid (altered or incomplete)") from None
+            raise TokenError(INVALID) from None
         return ManageToken(str(email), str(list_name), str(campaign))
 
     # -- double opt-in ------------------------------------------------------------------------
@@ -95,14 +97,14 @@ class Tokens:
             return self._read_legacy_confirm(token, max_age_s)
         issued, email, lists, nonce = self._open(b"confirm", token, 4)
         if not issued.isdigit() or time.time() - int(issued) > max_age_s:
-            raise TokenError("this confirmation link has expired; please subscribe again")
+            raise TokenError(EXPIRED)
         return email, [x for x in lists.split(",") if x], nonce
 
     def _read_legacy_confirm(self, token: str, max_age_s: int) -> tuple[str, list[str], str]:
         try:
             email, lists, nonce = self._legacy_confirm.loads(token, max_age=max_age_s)
         except SignatureExpired:
-            raise TokenError("this confirmation link has expired; please subscribe again") from None
+            raise TokenError(EXPIRED) from None
         except (BadSignature, ValueError, TypeError):
-            raise TokenError("this link is not valid (altered or incomplete)") from None
+            raise TokenError(INVALID) from None
         return str(email), [str(x) for x in lists], str(nonce)

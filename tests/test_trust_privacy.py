@@ -83,13 +83,77 @@ def test_confirmation_tokens_expire() -> None:
         tokens.read_confirm(old)
 
 
+# Issued by this release for SECRET: a later release must still read them (mails already out).
+GOLDEN_MANAGE = ("0unQ5JRxKj2fHj9eo_jex9pV0BqktX5Ox5YeDe9USBySwVBmxLan82r18RPq0bHIL17xdk-Jio"
+                 "dO0xveLx9sLwUrc6c")
+GOLDEN_CONFIRM = ("QrapjCXVIZ4AFmSpm6NuGrSge2bMERcFw_Fk9XWywa5zk5P-cd4hg845NQ84-kts4QJFVi8_7n6X"
+                  "MdspGm9kJt0LSYtrMyBeI2o")
+
+
+def test_tokens_are_stable_across_releases() -> None:
+    tokens = Tokens(SECRET)
+    assert tokens.manage(ADDRESS, "newsletter", "wir-alle-2026-12") == GOLDEN_MANAGE
+    read = tokens.read_manage(GOLDEN_MANAGE)
+    assert (read.email, read.list, read.campaign) == (ADDRESS, "newsletter", "wir-alle-2026-12")
+    assert tokens.confirm(ADDRESS, ["newsletter", "partners"], "n1", now=1790000000) \
+        == GOLDEN_CONFIRM
+    assert tokens.read_confirm(GOLDEN_CONFIRM, max_age_s=10**10) == (
+        ADDRESS, ["newsletter", "partners"], "n1")
+
+
+def test_many_tokens_round_trip() -> None:
+    """Every padding length and every last character of base64 (a token may end in 'X')."""
+    tokens = Tokens(SECRET)
+    for i in range(400):
+        email, list_name = f"p{i}@example.org", "l" * (i % 7 + 1)
+        token = tokens.manage(email, list_name)
+        assert "=" not in token
+        read = tokens.read_manage(token)
+        assert (read.email, read.list, read.campaign) == (email, list_name, "")
+
+
+def test_token_errors_say_what_happened() -> None:
+    from mailer.tokens import EXPIRED, INVALID
+
+    tokens = Tokens(SECRET)
+    wrong_shape = tokens._seal(b"manage", [ADDRESS, "newsletter"])  # a future format, say
+    for bad in ("x" * 5000, "AAAA", tokens.manage(ADDRESS, "a")[:-1], wrong_shape):
+        with pytest.raises(TokenError) as caught:
+            tokens.read_manage(bad)
+        assert str(caught.value) == INVALID
+    with pytest.raises(TokenError) as caught:
+        tokens.read_confirm(tokens.confirm(ADDRESS, ["n"], "x", now=0))
+    assert str(caught.value) == EXPIRED
+    assert "valid" in INVALID and "expired" in EXPIRED
+
+
+def test_legacy_confirmation_links_still_confirm_until_they_expire() -> None:
+    from itsdangerous import URLSafeTimedSerializer
+
+    from mailer.tokens import EXPIRED, INVALID
+
+    legacy = URLSafeTimedSerializer(SECRET, salt="imag-mailer.confirm")
+    token = legacy.dumps([ADDRESS, ["newsletter", "partners"], "n7"])
+    assert Tokens(SECRET).read_confirm(token) == (ADDRESS, ["newsletter", "partners"], "n7")
+    with pytest.raises(TokenError) as caught:
+        Tokens(SECRET).read_confirm(token, max_age_s=-1)
+    assert str(caught.value) == EXPIRED
+    for bad in (token[:-3] + "abc", URLSafeTimedSerializer(SECRET, salt="other").dumps([1])):
+        with pytest.raises(TokenError) as caught:
+            Tokens(SECRET).read_confirm(bad)
+        assert str(caught.value) == INVALID
+
+
 def test_links_in_mails_already_sent_keep_working() -> None:
     legacy = URLSafeSerializer(SECRET, salt="imag-mailer.manage").dumps(
         [ADDRESS, "newsletter", "c"])
     read = Tokens(SECRET).read_manage(legacy)
-    assert (read.email, read.list) == (ADDRESS, "newsletter")
-    with pytest.raises(TokenError):
+    assert (read.email, read.list, read.campaign) == (ADDRESS, "newsletter", "c")
+    from mailer.tokens import INVALID
+
+    with pytest.raises(TokenError) as caught:
         Tokens(SECRET + "x").read_manage(legacy)
+    assert str(caught.value) == INVALID
 
 
 def test_campaign_mail_carries_only_opaque_tokens(project: Project) -> None:
