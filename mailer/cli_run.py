@@ -50,10 +50,12 @@ def config_path(ctx: Ctx) -> str:
 @user_errors
 def run(ctx: Ctx, once: bool) -> None:
     """The scheduler: fires every scheduled campaign on time, exactly once."""
+    from .links import refuse_broken_links
     from .scheduler import serve
     from .sending import stop_on_signals
 
     settings = ctx.settings
+    refuse_broken_links(settings)  # a real relay needs public https links; nothing written yet
     configure_logging()
 
     async def main() -> int:

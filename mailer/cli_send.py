@@ -44,10 +44,13 @@ def _checked(ctx: Ctx, ref: str) -> Any:
 def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], limit: int | None,
          again: bool, resume: bool, retry_failed: bool) -> None:
     """Send a campaign now (resumes an unfinished run)."""
+    from .links import refuse_broken_links
     from .sending import dry_run as do_dry_run
     from .sending import plan_run, send_run, test_send
 
     settings = ctx.settings
+    if not dry_run:  # before anything is written: no run, no ledger rows, no SMTP session
+        refuse_broken_links(settings)
     checked = _checked(ctx, campaign)
     if to:
         for address, status in asyncio.run(test_send(checked, settings, list(to))):

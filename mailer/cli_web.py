@@ -30,10 +30,12 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     """Run the subscriber web app (subscribe, confirm, unsubscribe, preferences)."""
     import uvicorn
 
+    from .links import refuse_broken_links
     from .web import create_app
     from .web.server import uvicorn_config
 
     settings = ctx.settings
+    refuse_broken_links(settings)  # confirmation mails carry links under base_url
     app = create_app(settings)
     host = host or settings.web.host
     port = port or settings.web.port
@@ -72,6 +74,10 @@ def subscribers_import(ctx: Ctx, file: str, list_name: str, consent_source: str 
     from .audience import load_list
 
     _managed(ctx, list_name)
+    if send_confirmation:
+        from .links import refuse_broken_links
+
+        refuse_broken_links(ctx.settings)
     if consent_source is not None and (not consent_source.strip() or len(consent_source) > 500):
         fail("--consent-source must say where they agreed, in at most 500 characters")
     people = load_list(Path(file))  # validates the whole file before anything is written
