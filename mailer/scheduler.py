@@ -96,8 +96,7 @@ STOP_GRACE_S = 10.0  # on SIGTERM, in-flight transactions get smtp.timeout_s plu
 Clock = Callable[[], datetime]
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+utcnow = q.utcnow  # one clock for the ledger and the scheduler
 
 
 def log_event(event: str, *, level: int = logging.INFO, **fields: Any) -> None:
