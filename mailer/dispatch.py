@@ -28,11 +28,13 @@ from sqlalchemy import Connection
 from .audience import Recipient
 from .compose import Composer, message_id
 from .config import Settings
-from .errors import AuthenticationFailure
+from .errors import AuthenticationFailure, LedgerError
 from .redact import redact_addresses
 from .render import Rendition
 from .store import DeliveryStatus, RunStatus, Store
 from .store import queries as q
+from .store.subscriber_tables import ConsentEvent
+from .subscribers import Origin, record_event
 from .tokens import Tokens
 from .transport import DeliveryResult, Outcome, Outgoing, Transport
 
@@ -260,7 +262,11 @@ class Dispatcher:
             with contextlib.suppress(Exception):  # if this fails too, recovery requeues them
                 await self._tx(lambda c: q.release(c, unsent))
         if self._write_error is not None:
-            raise self._write_error
+            failure = self._write_error
+            reason = redact_addresses(getattr(failure, "orig", None) or failure)
+            raise LedgerError(
+                f"the ledger could not record a delivery ({reason}); sending stopped, and "
+                "starting the run again resumes it") from failure
         return len(rows) - len(unsent)
 
     async def _deliver(self, row: q.Claimed) -> None:
@@ -310,16 +316,21 @@ class Dispatcher:
 
     async def _write(self, batches: list[list[q.Outcome]]) -> None:
         outcomes = [o for batch in batches for o in batch]
-        await self._tx(lambda conn: self._record(conn, outcomes))
+        await q.in_transaction(self.store.engine, lambda conn: self._record(conn, outcomes))
 
     @staticmethod
     def _record(conn: Connection, outcomes: list[q.Outcome]) -> None:
         q.record(conn, outcomes)
         for o in outcomes:
             if isinstance(o, _Failed) and o.suppress_key:
-                # RFC 3463 5.1.x: the mailbox does not exist; never send to it again.
-                q.suppress(conn, o.suppress_key, reason="hard_bounce",
-                           source="smtp", detail=f"{o.smtp_code} {o.smtp_text}")
+                # RFC 3463 5.1.x: the mailbox does not exist; never send to it again - and
+                # keep it as a consent event, like every other reason an address stops.
+                detail = f"{o.smtp_code} {o.smtp_text}"
+                if q.suppress(conn, o.suppress_key, reason="hard_bounce", source="smtp",
+                              detail=detail):
+                    record_event(conn, o.suppress_key, ConsentEvent.BOUNCED,
+                                 origin=Origin(source="smtp"), list_name=q.GLOBAL,
+                                 detail=detail)
 
     def _recover(self, conn: Connection, run_id: int) -> int:
         now = self.now()

@@ -1,8 +1,8 @@
 """One error tree for the whole mailer.
 
 User errors (config, campaign, list) carry a file and a line and become one sentence on stderr.
-Delivery errors split into temporary (retry later) and permanent (give up), as RFC 5321 §4.2.1
-splits replies into 4yz and 5yz.
+SMTP replies are not exceptions: the transport classifies them (RFC 5321 §4.2.1: 4yz temporary,
+5yz permanent) into results the dispatcher records; only a refused login stops a run.
 """
 
 from __future__ import annotations
@@ -64,12 +64,9 @@ class DeliveryError(MailerError):
         super().__init__(message)
 
 
-class TemporaryFailure(DeliveryError):
-    """4xx reply, dropped connection or timeout: retried with backoff."""
-
-
-class PermanentFailure(DeliveryError):
-    """5xx reply: not retried."""
+class LedgerError(MailerError):
+    """The ledger could not record the result of a sent message: the run stops at once (no
+    further transaction), and a later start resumes it."""
 
 
 class AuthenticationFailure(DeliveryError):

@@ -59,11 +59,12 @@ def print_report(data: dict[str, Any]) -> None:
         if run["first_sent"]:
             click.echo(f"  first sent {run['first_sent']}, last sent {run['last_sent']}")
         if run["in_flight_recovered"]:
-            click.echo(f"  {run['in_flight_recovered']} were in flight at a crash and were "
-                       "retried (may have arrived twice)")
+            click.echo(f"  {run['in_flight_recovered']} caught in flight by a crash and sent "
+                       "again (those the relay had already taken may have arrived twice)")
         for f in run["failures"]:
             click.echo(f"  {f['count']} × {f['code'] or 'no reply'}: {f['example']}")
         for f in run.get("failed", []):
-            click.echo(f"  failed {f['email']}: {f['code'] or ''} {f['reason']}")
+            code = f"{f['code']} " if f["code"] else ""
+            click.echo(f"  failed {f['email']}: {code}{f['reason']}")
     t = data["totals"]
     click.echo("totals: " + ", ".join(f"{k} {v}" for k, v in t.items()))

@@ -49,10 +49,7 @@ def audience(checked: Checked, settings: Settings, store: Store) -> Iterator[Rec
     erased = any(key.startswith(q.HASH_PREFIX) for key in suppressed)
 
     def is_suppressed(key: str, list_name: str) -> bool:
-        lists = suppressed.get(key)
-        if erased and not lists:  # an erased address survives only as its hash
-            lists = suppressed.get(q.hashed_key(key))
-        return lists is not None and ("*" in lists or list_name in lists)
+        return q.is_suppressed(suppressed, key, list_name, erased=erased)
 
     return iter_audience(campaign.audience.lists, settings, is_suppressed=is_suppressed,
                    managed=lambda name: managed.get(name, []),

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 
-from .audience import Recipient, email_key
+from .audience import NAME_MAX, Recipient, email_key
 from .config import Settings
 from .redact import redact_addresses
 from .store import queries as q
@@ -37,7 +37,6 @@ from .store.subscriber_tables import (
 )
 from .store.tables import DeliveryStatus, deliveries, runs, suppressions
 
-NAME_MAX = 200
 ADDRESS_MAX = 254  # RFC 5321 §4.5.3.1.3: a forward-path holds at most 256 octets incl. <>
 CONFIRM_MAILS_PER_DAY = 3  # per address: no subscription bombing of a third party's inbox
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")

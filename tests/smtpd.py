@@ -16,6 +16,7 @@ import asyncio
 import shutil
 import ssl
 import subprocess
+import time
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +42,9 @@ class Faults:
     drop_in_data_every: int = 0  # hang up instead of answering every Nth message's DATA
     stall_s: float = 0.0  # wait this long before answering DATA
     auth: tuple[str, str] | None = None  # require AUTH (PLAIN/LOGIN) with these credentials
+    # Awaited with the recipient once a message's content has arrived, before any reply:
+    # lets a test act (lock the ledger, …) at an exact point of the SMTP dialogue.
+    on_data: Callable[[str], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,9 @@ class FaultServer:
         self.connections = 0  # TCP connections accepted, faulty ones included
         self.peak_connections = 0  # most SMTP sessions open at once
         self.rcpt_seen: Counter[str] = Counter()
+        self.rcpt_times: dict[str, list[float]] = {}  # monotonic time of each RCPT, by address
         self.data_count = 0
+        self.data_seen: list[Received] = []  # every message whose content arrived, any reply
         self.auth_attempts = 0  # AUTH commands that reached the authenticator
         self._starttls = starttls
         self._tls = tls
@@ -186,6 +192,7 @@ class FaultServer:
     ) -> str:
         faults = self.faults
         self.rcpt_seen[address] += 1
+        self.rcpt_times.setdefault(address, []).append(time.monotonic())
         first = self.rcpt_seen[address] == 1
         if address in faults.rcpt:
             code, text = faults.rcpt[address]
@@ -202,6 +209,13 @@ class FaultServer:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         faults = self.faults
         self.data_count += 1
+        content = envelope.original_content or b""
+        encrypted = self._tls is not None or session.ssl is not None
+        received = Received(envelope.mail_from or "", list(envelope.rcpt_tos), content,
+                            list(envelope.mail_options), encrypted)
+        self.data_seen.append(received)
+        if faults.on_data is not None:
+            await faults.on_data(envelope.rcpt_tos[0] if envelope.rcpt_tos else "")
         if faults.drop_in_data_every and self.data_count % faults.drop_in_data_every == 0:
             # The whole message arrived but the reply never comes: the client cannot tell
             # whether it was delivered (RFC 5321 §6.1 - the duplicate window).
@@ -214,12 +228,7 @@ class FaultServer:
             if address in faults.data_reply:
                 code, text = faults.data_reply[address]
                 return f"{code} {text}"
-        content = envelope.original_content or b""
-        encrypted = self._tls is not None or session.ssl is not None
-        self.messages.append(
-            Received(envelope.mail_from or "", list(envelope.rcpt_tos), content,
-                     list(envelope.mail_options), encrypted)
-        )
+        self.messages.append(received)
         return "250 2.0.0 OK"
 
 

@@ -6,25 +6,22 @@ import asyncio
 import email
 import email.policy
 import json
-import os
 import signal
-import sys
 
+from sqlalchemy import select
+
+from mailer.store import open_store
+from mailer.store.tables import deliveries
+from tests import helpers
 from tests.conftest import Project
+from tests.helpers import finish, refuse_sent_rows, smtp_env, start_mailer
 from tests.smtpd import Faults, FaultServer, fault_server  # noqa: F401  (fixture)
 
 
 async def mailer(project: Project, server: FaultServer, *args: str,
                  **env: str) -> tuple[int, str, str]:
-    full_env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config),
-                "MAILER_SMTP_HOST": server.host, "MAILER_SMTP_PORT": str(server.port),
-                "MAILER_SMTP_RATE_PER_SECOND": "5000", **env}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailer", *args, env=full_env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    """`mailer ARGS` against this test relay: (exit code, stdout, stderr)."""
+    return await helpers.mailer(project, *args, **{**smtp_env(server), **env})
 
 
 async def test_dry_run_sends_and_records_nothing(project: Project, fault_server) -> None:  # noqa: F811
@@ -94,21 +91,44 @@ async def test_sigint_finishes_in_flight_and_leaves_the_run_resumable(project: P
                                                                        fault_server) -> None:  # noqa: F811
     addresses = project.crowd(400)
     server = await fault_server(Faults(stall_s=0.02))
-    env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config),
-           "MAILER_SMTP_HOST": server.host, "MAILER_SMTP_PORT": str(server.port),
-           "MAILER_SMTP_RATE_PER_SECOND": "5000"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailer", "send", "crowd", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await start_mailer(project, "send", "crowd", **smtp_env(server))
     for _ in range(400):
         await asyncio.sleep(0.05)
         if len(server.messages) >= 40:
             break
     proc.send_signal(signal.SIGINT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 130 and b"continue with" in out
+    code, out, _ = await finish(proc, 60)
+    assert code == 130 and "continue with" in out
     assert 0 < len(server.messages) < len(addresses)
+    store = open_store(project.settings().database_url)
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(deliveries.c.status, deliveries.c.attempts)).all()
+    # Nothing left `sending`; what was claimed but never sent is pending, no attempt used up.
+    assert {status for status, _ in rows} == {"sent", "pending"}
+    assert {attempts for status, attempts in rows if status == "pending"} == {0}
     code, out, _ = await mailer(project, server, "send", "crowd")
     assert code == 0 and "in flight" not in out  # a graceful stop leaves nothing in doubt
     received = [m.rcpt_tos[0] for m in server.messages]
     assert sorted(received) == sorted(addresses)  # everyone once, nobody twice
+
+
+async def test_a_failing_ledger_stops_send_with_one_sentence_and_send_resumes(
+        project: Project, fault_server) -> None:  # noqa: F811
+    addresses = project.crowd(30)
+    server = await fault_server()
+    store = open_store(project.settings().database_url)
+    refuse_sent_rows(store, on=True)
+    code, out, err = await mailer(project, server, "send", "crowd")
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(
+        "error: the ledger could not record a delivery (ledger write refused); sending stopped")
+    delivered = len(server.messages)
+    pool_size = project.settings().smtp.pool_size
+    assert 1 <= delivered <= pool_size  # nothing sent after the failed write
+    refuse_sent_rows(store, on=False)
+    code, out, err = await mailer(project, server, "send", "crowd")
+    assert code == 0, err
+    assert "resuming run" in out and f"{delivered} messages were in flight" in out
+    received = [m.rcpt_tos[0] for m in server.messages]
+    assert sorted(set(received)) == sorted(addresses)
+    assert len(received) - len(addresses) == delivered  # the unrecorded ones, sent again

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import re
 from pathlib import Path
 
 import dkim
@@ -102,3 +103,65 @@ def test_header_values_cannot_inject_headers() -> None:
     raw = encode_header("Subject", "Hallo\r\nBcc: victim@example.org") + b"\r\n\r\n"
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert msg["Bcc"] is None and "Bcc" in msg["Subject"]
+
+
+# RFC 2047 §2 and §5(3): an encoded word is at most 75 characters, holds no space and no "?",
+# and in a phrase (a display name) only letters, digits, ! * + - / _ and =XX.
+ENCODED_WORD = re.compile(r"=\?utf-8\?q\?((?:[A-Za-z0-9!*+\-/_]|=[0-9A-F]{2})+)\?=")
+TEXTS = [
+    "Grüße aus der Nordstadt",
+    "Einladung: Straßenfest – Dortmund ist Heymat 🎉 / Sokak şenliği / مهرجان الشارع في دورتموند",
+    "Дортмундская интеграционная конференция: приглашение на форум " * 3,
+    "ä" * 200,
+    "a" * 70 + "ü" + "b" * 70,
+    "🎉" * 40,
+    "Zoë ? = _ question?mark =?utf-8?q?fake?= under_score",
+]
+
+
+def _q_decode(text: str) -> bytes:
+    return re.sub(rb"=([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                  text.replace("_", " ").encode("ascii"))
+
+
+def _encoded_words(header: bytes, name: str) -> list[str]:
+    """The encoded words of a header encoded whole, checked against RFC 2047 one by one."""
+    text = header.decode("ascii")
+    assert text.startswith(f"{name}: ")
+    lines = text.split("\r\n")
+    assert all(len(line) <= 76 for line in lines), lines  # §2: lines with encoded words
+    assert all(line.startswith(" ") for line in lines[1:])  # folded between words
+    value = " ".join(line.strip() for line in lines)[len(name) + 2:]
+    words = value.split(" ")
+    for word in words:
+        assert len(word) <= 75, word
+        match = ENCODED_WORD.fullmatch(word)
+        assert match, f"not one RFC 2047 encoded word: {word!r}"
+        _q_decode(match.group(1)).decode("utf-8")  # whole characters: decodes on its own
+    return words
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(min_size=1, max_size=200).filter(lambda t: not t.isascii()))
+def test_encoded_words_are_valid_one_by_one(text: str) -> None:
+    _check_encoded(text)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encoded_words_of_long_and_mixed_texts(text: str) -> None:
+    _check_encoded(text)
+
+
+def _check_encoded(text: str) -> None:
+    from mailer.compose import _clean
+
+    words = _encoded_words(encode_header("Subject", text), "Subject")
+    assert b"".join(_q_decode(ENCODED_WORD.fullmatch(w).group(1))  # type: ignore[union-attr]
+                    for w in words).decode("utf-8") == _clean(text)
+    display = _clean(text).strip()
+    if not display:
+        return
+    name = _encoded_words(address_header("To", text, "a@example.org")
+                          .rsplit(b" <", 1)[0], "To")
+    assert b"".join(_q_decode(ENCODED_WORD.fullmatch(w).group(1))  # type: ignore[union-attr]
+                    for w in name).decode("utf-8") == display

@@ -7,37 +7,50 @@ import email
 import email.policy
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections import Counter
+from datetime import timedelta
+from typing import Any
 
 import pytest
+from sqlalchemy import Connection, update
+from sqlalchemy.exc import DBAPIError
 
-from mailer.checks import check_campaign
-from mailer.dispatch import deliver_run
-from mailer.errors import AuthenticationFailure, ListError
+from mailer.checks import Checked, check_campaign
+from mailer.config import Settings
+from mailer.dispatch import LEASE_S, backoff_s, deliver_run, is_stale, worker_id
+from mailer.errors import AuthenticationFailure, LedgerError, ListError
 from mailer.sending import plan_run
-from mailer.store import open_store
+from mailer.store import Store, open_store
 from mailer.store import queries as q
+from mailer.store.subscriber_tables import consent_events
+from mailer.store.tables import deliveries
 from mailer.transport import SmtpPool
 from tests.conftest import CROWD_CAMPAIGN as CAMPAIGN
 from tests.conftest import Project, both_databases
+from tests.helpers import finish, refuse_sent_rows, smtp_env, start_mailer
 from tests.smtpd import Faults, FaultServer, fault_server  # noqa: F401  (fixture)
 
-
-def env_for(server: FaultServer, **extra: str) -> dict[str, str]:
-    return {"MAILER_SMTP_HOST": server.host, "MAILER_SMTP_PORT": str(server.port),
-            "MAILER_SMTP_RETRY_BASE_S": "0.05", "MAILER_SMTP_TIMEOUT_S": "2",
-            "MAILER_SMTP_RATE_PER_SECOND": "5000", **extra}
+env_for = smtp_env
 
 
-async def send_all(project: Project, server: FaultServer, **env: str):
+def planned(project: Project, server: FaultServer, **env: str
+            ) -> tuple[Settings, Store, Checked, q.Run]:
+    """Settings for this relay, the store, the checked crowd campaign and its started run."""
     settings = project.settings(**env_for(server, **env))
     checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings)
     store = open_store(settings.database_url)
     plan = plan_run(checked, settings, store, again=False, retry_failed=False)
     assert plan.run is not None
+    return settings, store, checked, plan.run
+
+
+async def send_all(project: Project, server: FaultServer, **env: str):
+    settings, store, checked, run = planned(project, server, **env)
     async with SmtpPool(settings.smtp) as pool:
-        result = await deliver_run(settings, store, checked.rendition, plan.run, transport=pool)
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
     return settings, store, result
 
 
@@ -89,7 +102,12 @@ async def test_no_such_user_fails_and_suppresses(project, fault_server):  # noqa
     with store.engine.connect() as conn:
         assert q.suppressed_among(conn, [("gone@example.org", "crowd")]) == {"gone@example.org"}
         (failure,) = q.failures_by_code(conn, result.run.id)
+        events = [dict(r._mapping) for r in conn.execute(consent_events.select())]
     assert failure[0] == 550
+    # A consent event like every other reason an address stops getting mail (DESIGN).
+    assert [(e["email_key"], e["event"], e["list_name"], e["source"]) for e in events] == [
+        ("gone@example.org", "bounced", "*", "smtp")]
+    assert "550 5.1.1 no such user" in events[0]["detail"]
     # A later run never includes the suppressed address.
     checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings)
     plan = plan_run(checked, settings, store, again=True, retry_failed=False)
@@ -189,19 +207,12 @@ async def test_headers_of_a_delivered_mail(project, fault_server):  # noqa: F811
 # --- crash and restart ------------------------------------------------------------------
 
 
-async def _mailer(project: Project, server: FaultServer, *args: str) -> asyncio.subprocess.Process:
-    env = {**os.environ, **project.env, **env_for(server), "MAILER_CONFIG": str(project.config)}
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailer", "send", "crowd", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-
-
 @both_databases
 async def test_sigkill_mid_run_then_restart_sends_everyone_once(project, fault_server):  # noqa: F811
     n = 3000
     addresses = project.crowd(n)
     server = await fault_server()
-    proc = await _mailer(project, server)
+    proc = await start_mailer(project, "send", "crowd", **env_for(server))
     for _ in range(600):
         await asyncio.sleep(0.05)
         if len(server.messages) >= n // 3:
@@ -211,20 +222,24 @@ async def test_sigkill_mid_run_then_restart_sends_everyone_once(project, fault_s
     await proc.wait()
     before = len(server.messages)
     assert 0 < before < n
+    store = open_store(project.settings().database_url)
+    with store.engine.connect() as conn:
+        (run,) = q.runs_of(conn, "crowd")
+        caught = q.status_counts(conn, run.id)["sending"]  # claimed, result not recorded
+    assert caught > 0
 
-    proc = await _mailer(project, server)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, err.decode()
+    code, out, err = await finish(await start_mailer(project, "send", "crowd", **env_for(server)))
+    assert code == 0, err
     received = Counter(m.rcpt_tos[0] for m in server.messages)
     assert set(received) == set(addresses)  # nobody lost
     duplicates = sum(c - 1 for c in received.values())
     pool_size = project.settings().smtp.pool_size
-    assert duplicates <= pool_size  # only the in-flight window
-    store = open_store(project.settings().database_url)
+    assert duplicates <= min(pool_size, caught)  # only the transactions in flight
     with store.engine.connect() as conn:
-        (run,) = q.runs_of(conn, "crowd")
+        run = q.get_run(conn, run.id)
         assert q.status_counts(conn, run.id)["sent"] == n
-        assert run.in_flight_recovered >= duplicates  # counted and reported
+    assert run.in_flight_recovered == caught  # every row caught sending counted, once
+    assert f"{caught} messages were in flight" in out
     assert run.status == "finished"
 
 
@@ -299,3 +314,292 @@ async def test_a_relay_saying_421_on_connect_slows_the_run_down_not_fails_it(
     assert result.counts["sent"] == 20 and result.counts["failed"] == 0
     assert server.connections > 3  # it came back after the refusals
     assert len({m.rcpt_tos[0] for m in server.messages}) == 20
+
+
+# --- the ledger: commit before the next transaction, failed writes, stale claims ------------
+
+
+class LedgerLock:
+    """Another connection holding the ledger's write lock, as a long transaction would: SQLite's
+    single writer lock (BEGIN IMMEDIATE), an EXCLUSIVE lock on deliveries in PostgreSQL. Writes
+    to the ledger wait for it; reads go on."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._conn: Connection | None = None
+
+    def _lock(self) -> None:
+        conn = self.store.engine.connect()
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("LOCK TABLE deliveries IN EXCLUSIVE MODE")
+        self._conn = conn
+
+    def _unlock(self) -> None:
+        assert self._conn is not None
+        self._conn.rollback()
+        self._conn.close()
+
+    async def acquire(self) -> None:
+        await asyncio.to_thread(self._lock)
+
+    async def release(self) -> None:
+        await asyncio.to_thread(self._unlock)
+
+
+@both_databases
+async def test_no_transaction_starts_before_the_last_result_is_committed(
+        project, fault_server):  # noqa: F811
+    """DESIGN's crash bound: a connection starts its next transaction only after the result of
+    the last one is committed. With the ledger locked, no more than pool_size messages go out."""
+    project.crowd(12)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server, MAILER_SMTP_POOL_SIZE="2")
+    lock = LedgerLock(store)
+    locked = asyncio.Event()
+
+    async def lock_at_first_data(_: str) -> None:
+        if not locked.is_set():
+            locked.set()
+            await lock.acquire()  # before the 250: its result cannot be committed now
+
+    server.faults.on_data = lock_at_first_data
+    async with SmtpPool(settings.smtp) as pool:
+        task = asyncio.create_task(
+            deliver_run(settings, store, checked.rendition, run, transport=pool))
+        await asyncio.wait_for(locked.wait(), 20)
+        await asyncio.sleep(1.0)
+        while_locked = server.data_count
+        await lock.release()
+        result = await asyncio.wait_for(task, 30)
+    assert 1 <= while_locked <= 2  # the workers wait for the commit, not for the next mail
+    assert result.counts["sent"] == 12 and len(server.messages) == 12
+
+
+@both_databases
+async def test_a_failed_ledger_write_stops_the_run_and_a_restart_recovers(
+        project, fault_server):  # noqa: F811
+    addresses = project.crowd(12)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server, MAILER_SMTP_POOL_SIZE="2")
+    refuse_sent_rows(store, on=True)
+    async with SmtpPool(settings.smtp) as pool:
+        with pytest.raises(LedgerError, match="ledger write refused") as raised:
+            await asyncio.wait_for(
+                deliver_run(settings, store, checked.rendition, run, transport=pool), 20)
+        await asyncio.sleep(0.5)  # nothing keeps sending in the background either
+    assert isinstance(raised.value.__cause__, DBAPIError)
+    assert "@" not in str(raised.value)  # no address from the failed statement
+    delivered = len(server.messages)
+    assert 1 <= delivered <= 2  # no transaction started after the write failed
+    with store.engine.connect() as conn:
+        counts = q.status_counts(conn, run.id)
+    # Delivered but not recorded: still `sending`; never started: back to `pending`.
+    assert counts == {"pending": 12 - delivered, "sending": delivered, "sent": 0, "failed": 0}
+    with store.engine.connect() as conn:
+        attempts = {r.id: r.attempts for r in conn.execute(deliveries.select())}
+    assert sorted(attempts.values()) == [0] * (12 - delivered) + [1] * delivered
+
+    refuse_sent_rows(store, on=False)
+    async with SmtpPool(settings.smtp) as pool:  # the rows of the ended dispatcher are taken over
+        result = await asyncio.wait_for(
+            deliver_run(settings, store, checked.rendition, run, transport=pool), 20)
+    received = Counter(m.rcpt_tos[0] for m in server.messages)
+    assert set(received) == set(addresses) and result.counts["sent"] == 12
+    duplicates = sum(c - 1 for c in received.values())
+    assert duplicates == delivered == result.recovered  # the in-flight window, counted
+    with store.engine.connect() as conn:
+        assert q.get_run(conn, run.id).in_flight_recovered == delivered
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_which_claims_are_stale() -> None:
+    host = socket.gethostname()
+    now = q.utcnow()
+    fresh, old = now - timedelta(seconds=5), now - timedelta(seconds=LEASE_S + 100)
+    me = worker_id()
+    sibling = f"{host}:{os.getpid()}:abcdef"  # another dispatcher of this process
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = f"{host}:{alive.pid}:abcdef"
+        ended = f"{host}:{_gone_pid()}:abcdef"
+        elsewhere = "mailer-2.example.org:4242:abcdef"
+
+        def stale(by: str | None, at: Any, live: tuple[str, ...] = ()) -> bool:
+            return is_stale(by, at, now, me=me, live=live)
+
+        assert stale(None, fresh) and stale("", fresh)
+        assert not stale(me, old)  # our own claim, however old
+        assert not stale(sibling, old, live=(sibling,))  # a running dispatcher of ours
+        assert stale(sibling, fresh)  # a dispatcher of ours that has finished
+        assert not stale(running, old)  # a live, slow worker here keeps its claims
+        assert not stale(running, None)
+        assert stale(ended, fresh)  # its process is gone: take over at once
+        # Another machine's worker cannot be asked: its lease decides.
+        assert not stale(elsewhere, now - timedelta(seconds=LEASE_S - 1))
+        assert stale(elsewhere, now - timedelta(seconds=LEASE_S + 1))
+        assert stale(elsewhere, None)
+        assert not stale(f"{host}:not-a-pid:abcdef", fresh)
+        assert stale(f"{host}:not-a-pid:abcdef", old)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert stale(running, old)  # now it is gone
+
+
+def test_a_claim_of_another_users_live_process_is_not_stale() -> None:
+    """os.kill(pid, 0) raises PermissionError for a process of another user: it exists."""
+    claim = f"{socket.gethostname()}:1:abcdef"  # pid 1 belongs to root
+    old = q.utcnow() - timedelta(seconds=LEASE_S + 100)
+    if os.getuid() != 0:
+        assert not is_stale(claim, old, q.utcnow(), me=worker_id(), live=())
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: ask as an unprivileged user
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                os.kill(1, 0)
+                kind = b"no permission error"
+            except PermissionError:
+                kind = b"permission error"
+            answer = is_stale(claim, old, q.utcnow(), me=worker_id(), live=())
+            os.write(write, kind + b" " + str(answer).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read()
+    os.waitpid(pid, 0)
+    assert said == b"permission error False"
+
+
+@both_databases
+async def test_live_workers_keep_their_claims_and_gone_ones_lose_them(
+        project, fault_server):  # noqa: F811
+    """Rows left `sending`: taken over at once from an ended process or from another machine's
+    expired lease; never from a live worker here, however old its claim, until it ends."""
+    project.crowd(4)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server)
+    host = socket.gethostname()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    now = q.utcnow()
+    claims = {
+        "person0@example.org": (f"{host}:{alive.pid}:aaaaaa", now - timedelta(seconds=900)),
+        "person1@example.org": (f"{host}:{_gone_pid()}:bbbbbb", now),
+        "person2@example.org": ("mailer-2.example.org:4242:cccccc",
+                                now - timedelta(seconds=LEASE_S + 1)),
+    }
+    with store.engine.begin() as conn:
+        for key, (by, at) in claims.items():
+            conn.execute(update(deliveries).where(deliveries.c.email_key == key).values(
+                status="sending", claimed_by=by, claimed_at=at, attempts=1))
+    try:
+        async with SmtpPool(settings.smtp) as pool:
+            task = asyncio.create_task(
+                deliver_run(settings, store, checked.rendition, run, transport=pool))
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if len(server.messages) >= 3:
+                    break
+            await asyncio.sleep(2.5)  # more than one poll for rows held by others
+            early = sorted(m.rcpt_tos[0] for m in server.messages)
+            assert not task.done()
+            alive.kill()
+            alive.wait()
+            result = await asyncio.wait_for(task, 20)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert early == ["person1@example.org", "person2@example.org", "person3@example.org"]
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == [
+        f"person{i}@example.org" for i in range(4)]
+    assert result.counts["sent"] == 4 and result.recovered == 2
+    with store.engine.connect() as conn:
+        assert q.get_run(conn, run.id).in_flight_recovered == 3
+
+
+# --- retries: backoff, Message-ID, attempts -------------------------------------------------
+
+
+def test_backoff_doubles_per_attempt_with_jitter_up_to_six_hours() -> None:
+    for attempts in range(1, 10):  # 30 s × 2^8 = 2 h 8 min, below the cap
+        expected = 30.0 * 2 ** (attempts - 1)
+        waits = [backoff_s(attempts, 30.0) for _ in range(200)]
+        assert all(0.8 * expected <= w <= 1.2 * expected for w in waits), attempts
+        assert max(waits) - min(waits) > 0.2 * expected  # jittered, not in step
+    assert 0.8 * 6 * 3600 <= backoff_s(40, 30.0) <= 1.2 * 6 * 3600
+    assert 0.8 * 6 * 3600 <= backoff_s(10_000, 30.0) <= 1.2 * 6 * 3600
+
+
+async def test_retries_wait_exponentially_longer(project, fault_server):  # noqa: F811
+    project.crowd(2, special={0: "busy@example.org"})
+    server = await fault_server(Faults(rcpt={"busy@example.org": (451, "4.3.0 busy")}))
+    _, store, result = await send_all(project, server, MAILER_SMTP_MAX_ATTEMPTS="5",
+                                      MAILER_SMTP_RETRY_BASE_S="0.15")
+    times = server.rcpt_times["busy@example.org"]
+    assert len(times) == 5 and result.counts["failed"] == 1
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    for i, gap in enumerate(gaps):
+        expected = 0.15 * 2 ** i
+        assert 0.8 * expected <= gap <= 1.2 * expected + 1.0, (i, gaps)
+
+
+@both_databases
+async def test_a_4xx_after_data_is_retried_with_the_same_message_id_never_sent(
+        project, fault_server):  # noqa: F811
+    project.crowd(3, special={1: "later@example.org"})
+    server = await fault_server(Faults(data_reply={"later@example.org": (451, "4.3.0 later")}))
+    _, store, result = await send_all(project, server, MAILER_SMTP_MAX_ATTEMPTS="3")
+    assert result.counts == {"pending": 0, "sending": 0, "sent": 2, "failed": 1}
+    tries = [m for m in server.data_seen if m.rcpt_tos == ["later@example.org"]]
+    assert len(tries) == 3  # the whole message went out three times, refused each time
+    ids = {email.message_from_bytes(m.content)["Message-ID"] for m in tries}
+    assert len(ids) == 1  # one Message-ID: a receiver can tell the retries are one mail
+    with store.engine.connect() as conn:
+        (row,) = [r for r in conn.execute(deliveries.select())
+                  if r.email_key == "later@example.org"]
+    assert (row.status, row.smtp_code, row.attempts) == ("failed", 451, 3)
+    assert row.message_id == ids.pop() and row.sent_at is None
+    assert "gave up after 3 attempts" in row.smtp_text
+
+
+async def test_a_dropped_reply_is_retried_with_the_same_message_id(
+        project, fault_server):  # noqa: F811
+    """The message arrived, the reply did not: the retry is the same mail (RFC 5322 §3.6.4)."""
+    project.crowd(3)
+    server = await fault_server(Faults(drop_in_data_every=2))
+    _, _, result = await send_all(project, server, MAILER_SMTP_POOL_SIZE="1")
+    assert result.counts["sent"] == 3
+    by_rcpt: dict[str, set[str]] = {}
+    for m in server.data_seen:
+        by_rcpt.setdefault(m.rcpt_tos[0], set()).add(
+            email.message_from_bytes(m.content)["Message-ID"])
+    assert len(server.data_seen) > 3  # some went twice
+    assert all(len(ids) == 1 for ids in by_rcpt.values()), by_rcpt
+    assert len(set().union(*by_rcpt.values())) == 3
+
+
+async def test_rows_released_at_a_stop_keep_their_attempts(project, fault_server):  # noqa: F811
+    """An AUTH refusal stops the run before any message: no row has used up an attempt."""
+    project.crowd(6)
+    server = await fault_server(Faults(auth=("imag", "right")))
+    with pytest.raises(AuthenticationFailure):
+        await send_all(project, server, MAILER_SMTP_USERNAME="imag",
+                       MAILER_SMTP_PASSWORD="wrong", MAILER_SMTP_POOL_SIZE="3")
+    store = open_store(project.settings().database_url)
+    with store.engine.connect() as conn:
+        rows = list(conn.execute(deliveries.select()))
+    assert [(r.status, r.attempts, r.claimed_by) for r in rows] == [("pending", 0, None)] * 6
+

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -220,6 +221,46 @@ async def test_form_without_csrf_token_or_cookie_is_refused(site: Site):
     assert site.count(subscribers) == 0 and site.server.messages == []
 
 
+async def test_a_signed_field_is_good_only_with_its_own_cookie(site: Site):
+    """Double submit: a field signed by this server, but issued to another visitor, is refused."""
+    data = {"email": "crossed@example.org", "language": "de", "lists": "newsletter"}
+    theirs = await site.form()  # a visitor's field (an attacker can fetch one for themselves)
+    async with httpx.AsyncClient(transport=site.client._transport,
+                                 base_url="http://testserver") as other:
+        page = await other.get("/subscribe")
+        match = CSRF_RE.search(page.text)
+        assert match and other.cookies.get("imag_csrf") != site.client.cookies.get("imag_csrf")
+        crossed = await other.post("/subscribe", data={**data, "csrf": theirs})
+        assert crossed.status_code == 403
+        assert site.count(subscribers) == 0 and site.server.messages == []
+        own = await other.post("/subscribe", data={**data, "csrf": match.group(1)})
+        assert own.status_code == 200 and site.count(subscribers) == 1
+
+
+async def test_a_signed_field_older_than_four_hours_is_refused(site: Site):
+    from mailer.web.security import Csrf
+
+    await site.form()
+    cookie = site.client.cookies.get("imag_csrf")
+    assert cookie
+
+    def field_signed(seconds_ago: int) -> str:
+        class Then(TimestampSigner):
+            def get_timestamp(self) -> int:
+                return int(time.time()) - seconds_ago
+
+        return Then(site.settings.secret(), salt="imag-mailer.csrf").sign(cookie).decode()
+
+    data = {"email": "late@example.org", "language": "de", "lists": "newsletter"}
+    stale = await site.client.post(
+        "/subscribe", data={**data, "csrf": field_signed(Csrf.MAX_AGE_S + 60)})
+    assert stale.status_code == 403 and "abgelaufen" in stale.text
+    assert site.count(subscribers) == 0 and site.server.messages == []
+    recent = await site.client.post(
+        "/subscribe", data={**data, "csrf": field_signed(Csrf.MAX_AGE_S - 60)})
+    assert recent.status_code == 200 and site.count(subscribers) == 1
+
+
 async def test_honeypot_gets_the_neutral_answer_and_nothing_else(site: Site):
     response = await site.subscribe("bot@example.org", website="http://spam.example")
     assert response.status_code == 200 and "Fast geschafft" in response.text
@@ -401,6 +442,52 @@ async def test_archive_shows_only_sent_campaigns_unpersonalised(project: Project
     index = await site.client.get("/archive")
     assert index.status_code == 200 and "/archive/archived" in index.text
     assert (await site.client.get("/archive/Not-An-Id")).status_code == 404
+
+
+async def test_archive_shows_edits_of_the_campaign_and_templates_per_language(
+        project: Project, site: Site) -> None:
+    """A running web app sees an edited campaign file or template on the next request."""
+    import os
+
+    from mailer.dispatch import start_run
+
+    project.list_file("people.csv", "email,name,language\nzoe@example.org,Zoë Secret,de\n")
+    path = project.campaign("archived.yaml", ARCHIVED)
+    run, _ = start_run(site.store, campaign_id="archived", occurrence="once", trigger="send",
+                       recipients=[])
+    with site.store.engine.begin() as conn:  # one delivered row: the campaign went out
+        conn.execute(q_sent_row(run.id))
+
+    def edit(target: Any, old: str, new: str) -> None:
+        stat = target.stat()
+        target.write_text(target.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+    async def page(lang: str) -> str:
+        response = await site.client.get(f"/archive/archived?lang={lang}")
+        assert response.status_code == 200
+        return response.text
+
+    german, arabic = await page("de"), await page("ar")
+    assert "FORUM INTEGRATION" in german and 'dir="rtl"' not in german
+    assert "مرحبا" in arabic and 'dir="rtl"' in arabic
+    assert await page("de") == german and await page("ar") == arabic  # kept per language
+    edit(path, "FORUM INTEGRATION", "FORUM VIELFALT")
+    german = await page("de")
+    assert "FORUM VIELFALT" in german and "FORUM INTEGRATION" not in german
+    strings = project.root / "templates" / "strings.yaml"
+    edit(strings, 'view_online: "Im Browser ansehen"', 'view_online: "Online lesen"')
+    assert "Online lesen" in await page("de") and "Im Browser ansehen" not in await page("de")
+    assert "مرحبا" in await page("ar")
+
+
+def q_sent_row(run_id: int) -> Any:
+    from mailer.store.tables import deliveries
+
+    return deliveries.insert().values(
+        run_id=run_id, email="x@example.org", email_key="x@example.org", name="",
+        language="de", list_name="people", fields={}, status="sent", attempts=1,
+        sent_at=datetime.now(UTC))
 
 
 def test_access_log_lines_carry_no_tokens() -> None:

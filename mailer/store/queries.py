@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -405,18 +405,30 @@ def suppressed_keys(conn: Connection) -> dict[str, set[str]]:
     return out
 
 
+def is_suppressed(suppressed: Mapping[str, Collection[str]], key: str, list_name: str, *,
+                  erased: bool = True) -> bool:
+    """Is the address `key` suppressed for `list_name`, given {email_key: its lists ("*" =
+    all)}: by its own key, or - once erased, when only its hash is kept - by its hash.
+    `erased=False` says no key is a hash, which saves hashing every address of a list."""
+    keys = (key, hashed_key(key)) if erased else (key,)
+    for k in keys:
+        lists = suppressed.get(k)
+        if lists and (GLOBAL in lists or list_name in lists):
+            return True
+    return False
+
+
 def suppressed_among(conn: Connection, pairs: Sequence[tuple[str, str]]) -> set[str]:
     """Which of these (email_key, list) pairs are suppressed now (erased ones by their hash)."""
     if not pairs:
         return set()
-    hashed = {k: hashed_key(k) for k, _ in pairs}
-    rows = conn.execute(
-        select(suppressions.c.email_key, suppressions.c.list_name)
-        .where(suppressions.c.email_key.in_(set(hashed) | set(hashed.values())))
-    ).all()
-    hits = {(k, name) for k, name in rows}
-    return {k for k, name in pairs
-            if any((x, GLOBAL) in hits or (x, name) in hits for x in (k, hashed[k]))}
+    keys = {k for k, _ in pairs}
+    found: dict[str, set[str]] = {}
+    for key, list_name in conn.execute(
+            select(suppressions.c.email_key, suppressions.c.list_name)
+            .where(suppressions.c.email_key.in_(keys | {hashed_key(k) for k in keys}))):
+        found.setdefault(key, set()).add(list_name)
+    return {k for k, name in pairs if is_suppressed(found, k, name)}
 
 
 def list_suppressions(conn: Connection) -> list[dict[str, Any]]:

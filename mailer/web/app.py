@@ -18,7 +18,6 @@ from urllib.parse import quote
 
 from sqlalchemy import Connection
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -30,6 +29,7 @@ from starlette.templating import Jinja2Templates
 from ..config import Settings
 from ..redact import redact_addresses
 from ..store import Store, open_store
+from ..store import queries as q
 from ..tokens import Tokens
 from ..transport import Transport
 from .i18n import LANGUAGE_NAMES, negotiate, strings, text_dir
@@ -60,11 +60,7 @@ class Web:
 
     async def db(self, fn: Callable[[Connection], T]) -> T:
         """Run `fn` in one transaction, off the event loop."""
-        def work() -> T:
-            with self.store.engine.begin() as conn:
-                return fn(conn)
-
-        return await run_in_threadpool(work)
+        return await q.in_transaction(self.store.engine, fn)
 
     async def send_confirmation(self, *, email: str, name: str, language: str,
                                 lists: Sequence[str], nonce: str) -> None:

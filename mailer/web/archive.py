@@ -36,41 +36,88 @@ def routes() -> list[BaseRoute]:
             Route("/archive/{campaign_id}", archive_page, methods=["GET"])]
 
 
+Stamp = tuple[object, ...]
+
+
 @dataclass(frozen=True)
 class Entry:
-    mtime_ns: int
+    stamp: Stamp
     rendition: Rendition
     columns: frozenset[str]
 
 
-class Renditions:
-    """Rendered campaigns by id, rendered again only when their file changes."""
+class Archive:
+    """The public pages of sent campaigns, kept per app (on `app.state`), not per process.
+
+    A campaign is rendered again when its file (path, mtime, size) or any template changes;
+    its page is kept per language of that version, so an edit shows on the next request.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[Path, Entry] = {}
+        self._pages: dict[tuple[Path, Stamp, str], str] = {}
 
-    def get(self, settings: Settings, campaign_id: str) -> Entry | None:
+    def entry(self, settings: Settings, campaign_id: str) -> Entry | None:
         path = _file_of(settings, campaign_id)
-        if path is None:
-            return None
-        mtime = path.stat().st_mtime_ns
+        return None if path is None else self._entry(settings, path)
+
+    def _entry(self, settings: Settings, path: Path) -> Entry | None:
+        stamp = _stamp(path, settings)
         with self._lock:
-            entry = self._entries.get(campaign_id)
-            if entry is not None and entry.mtime_ns == mtime:
+            entry = self._entries.get(path)
+            if entry is not None and entry.stamp == stamp:
                 return entry
         try:
             checked = check_campaign(path, settings, with_audience=False)
         except UserError:
             return None
         lists = checked.campaign.audience.lists
-        entry = Entry(mtime, checked.rendition, frozenset(columns(lists, settings)))
+        entry = Entry(stamp, checked.rendition, frozenset(columns(lists, settings)))
         with self._lock:
-            self._entries[campaign_id] = entry
+            self._entries[path] = entry
+            self._pages = {k: v for k, v in self._pages.items() if k[0] != path}
         return entry
 
+    def page(self, settings: Settings, campaign_id: str, lang: str) -> str | None:
+        """The campaign as sent, unpersonalised, in `lang` (or its default language)."""
+        path = _file_of(settings, campaign_id)
+        entry = None if path is None else self._entry(settings, path)
+        if path is None or entry is None:
+            return None
+        lr = entry.rendition.for_language(lang)
+        key = (path, entry.stamp, lr.lang)
+        with self._lock:
+            html = self._pages.get(key)
+        if html is not None:
+            return html
+        base = settings.base_url
+        public = Recipient(email="", name="", language=lr.lang,
+                           fields={c: "" for c in entry.columns})
+        links = Links(unsubscribe=f"{base}/subscribe?lang={lr.lang}",
+                      preferences=f"{base}/subscribe?lang={lr.lang}",
+                      view_online=f"{base}/archive/{campaign_id}?lang={lr.lang}")
+        html = personalise(lr, public, links).html
+        with self._lock:
+            self._pages[key] = html
+        return html
 
-_renditions = Renditions()
+
+def _stamp(path: Path, settings: Settings) -> Stamp:
+    """What a rendition depends on: the campaign file and every template file."""
+    st = path.stat()
+    templates = settings.templates_dir
+    files = sorted((str(p.relative_to(templates)), p.stat().st_mtime_ns, p.stat().st_size)
+                   for p in templates.rglob("*") if p.is_file())
+    return (st.st_mtime_ns, st.st_size, tuple(files))
+
+
+def archive_of(request: Request) -> Archive:
+    state = request.app.state
+    archive: Archive | None = getattr(state, "archive", None)
+    if archive is None:  # no await since the look-up: one Archive per app
+        archive = state.archive = Archive()
+    return archive
 
 
 def _file_of(settings: Settings, campaign_id: str) -> Path | None:
@@ -92,17 +139,10 @@ async def archive_page(request: Request) -> Response:
     sent = await web.db(lambda conn: q.first_sent(conn, campaign_id))
     if sent is None:
         raise HTTPException(404)
-    entry = await run_in_threadpool(_renditions.get, web.settings, campaign_id)
-    if entry is None:
+    html = await run_in_threadpool(archive_of(request).page, web.settings, campaign_id,
+                                   request.query_params.get("lang", ""))
+    if html is None:
         raise HTTPException(404)
-    lr = entry.rendition.for_language(request.query_params.get("lang", ""))
-    base = web.settings.base_url
-    public = Recipient(email="", name="", language=lr.lang,
-                       fields={c: "" for c in entry.columns})
-    links = Links(unsubscribe=f"{base}/subscribe?lang={lr.lang}",
-                  preferences=f"{base}/subscribe?lang={lr.lang}",
-                  view_online=f"{base}/archive/{campaign_id}?lang={lr.lang}")
-    html = personalise(lr, public, links).html
     return HTMLResponse(html, headers={"Content-Security-Policy": ARCHIVE_CSP,
                                        "Cache-Control": "public, max-age=300"})
 
@@ -113,7 +153,7 @@ async def archive_index(request: Request) -> Response:
     sent = await web.db(q.sent_campaigns)
     items = []
     for campaign_id, first in sent:
-        entry = await run_in_threadpool(_renditions.get, web.settings, campaign_id)
+        entry = await run_in_threadpool(archive_of(request).entry, web.settings, campaign_id)
         if entry is not None:
             when = first.astimezone(web.settings.tz)
             items.append((campaign_id, entry.rendition.campaign.display_title, when))
