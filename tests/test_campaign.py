@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from mailer.campaign import load_campaign
 from mailer.checks import check_campaign
 from mailer.errors import MailerError, UserError
 from tests.conftest import Project
+from tests.helpers import run_mailer as mailer_cli
 
 GOOD = """\
 template: newsletter
@@ -26,14 +25,6 @@ content:
       - heading: "Liebe Freundinnen und Freunde"
       - text: "Das **FORUM INTEGRATION** lädt ein."
 """
-
-
-def mailer_cli(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
-    env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config)}
-    return subprocess.run([sys.executable, "-m", "mailer", *args], capture_output=True,
-                          text=True, env=env, cwd=project.root, timeout=60)
 
 
 def test_good_campaign_validates(project: Project) -> None:

@@ -8,10 +8,8 @@ machine.
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from mailer.config import load_settings
 from mailer.errors import CampaignError, ListError, UserError
 from mailer.yamlsrc import Budget, load_yaml
 from tests.conftest import Project
+from tests.helpers import run_mailer
 
 MB = 1024 * 1024
 MEMORY_LIMIT = 500 * MB
@@ -64,9 +63,7 @@ def limited(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
-    env = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config)}
-    return subprocess.run([sys.executable, "-m", "mailer", *args], capture_output=True, text=True,
-                          env=env, cwd=project.root, timeout=60, preexec_fn=limit)
+    return run_mailer(project, *args, preexec_fn=limit)
 
 
 def refused_bomb(result: subprocess.CompletedProcess[str], name: str) -> str:
