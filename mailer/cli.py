@@ -109,8 +109,9 @@ def preview(ctx: Ctx, campaign: str, out: str, langs: tuple[str, ...], recipient
 
 
 def _register() -> None:
-    from . import cli_run, cli_send, cli_web
+    from . import cli_ops, cli_run, cli_send, cli_web
 
+    cli_ops.register(main)
     cli_send.register(main)
     cli_run.register(main)
     cli_web.register(main)
