@@ -73,6 +73,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Connection, Engine, text
 
+from . import heartbeat
 from .campaign import Campaign, campaign_files, resolve_local
 from .checks import Checked, check_campaign
 from .config import Settings, load_settings
@@ -678,6 +679,7 @@ class Runner:
                     await asyncio.wait(set(self.tasks))
                 return
             while not self.stop.is_set():
+                await heartbeat.beat(self.store)  # read by /metrics (mailer/heartbeat.py)
                 if await _wait(self.stop, self.settings.scheduler.poll_s):
                     break
                 if not await asyncio.to_thread(leader.held):

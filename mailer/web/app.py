@@ -88,6 +88,7 @@ def create_app(
 ) -> Starlette:
     """The web app. Pass `transport` (e.g. an SmtpPool at a test server) to use it instead of
     opening the configured one for the app's lifetime; the caller then closes it."""
+    from .ops import routes as ops_routes
     from .pages import routes
 
     web = Web(
@@ -118,7 +119,7 @@ def create_app(
                 web.transport = None
 
     app = Starlette(
-        routes=routes(),
+        routes=[*ops_routes(), *routes()],  # /healthz, /metrics (web/ops.py)
         middleware=[
             # First: the rate limits, the consent log and the access log see the real client.
             Middleware(ClientAddress, trusted=settings.web.trusted_proxies),

@@ -4,7 +4,7 @@ from typing import Any
 
 from alembic import context
 
-from mailer.store import subscriber_tables  # noqa: F401  (registers its tables on metadata)
+from mailer.store import ops_tables, subscriber_tables  # noqa: F401  (register their tables)
 from mailer.store.tables import metadata
 
 # APScheduler creates and owns its job table; autogenerate must not try to drop it.
