@@ -10,31 +10,31 @@ import click
 
 from .cli_base import Ctx, fail, pass_ctx, user_errors
 from .errors import UserError
+from .logs import ENV as LOG_FORMAT_ENV
+from .logs import FORMATS
 
 
 @click.group()
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="config file (default: $MAILER_CONFIG, else ./config.yaml)")
+@click.option("--log-format", "log_format", type=click.Choice(FORMATS), default="text",
+              envvar=LOG_FORMAT_ENV, show_envvar=True,
+              help="log lines on stderr as text or as JSON objects, one per line (run, serve)")
 @click.version_option(package_name="imag-mailer")
 @click.pass_context
-def main(ctx: click.Context, config: str | None) -> None:
+def main(ctx: click.Context, config: str | None, log_format: str) -> None:
     """imag-mailer: campaigns from YAML to subscribers' inboxes."""
-    setup_logging()
+    setup_logging(log_format)
     ctx.obj = Ctx(config)
 
 
-def setup_logging() -> None:
-    """Structured lines on stderr. aiosmtpd logs every SMTP command (addresses included) at
-    INFO on 'mail.log': keep it at WARNING so no address reaches the log at info level."""
-    import logging
+def setup_logging(fmt: str = "text") -> None:
+    """Lines on stderr (mailer/logs.py), at MAILER_LOG_LEVEL (default INFO)."""
     import os
 
-    level = os.environ.get("MAILER_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    for noisy in ("apscheduler", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .logs import setup
+
+    setup(fmt, os.environ.get("MAILER_LOG_LEVEL", "INFO").upper())
 
 
 @main.command()

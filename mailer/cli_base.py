@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -16,8 +17,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    _say(message, error=True)
     sys.exit(1)
+
+
+def _say(message: str, *, error: bool = False) -> None:
+    """On stderr: `error: …` as text, or with --log-format json one JSON line like the rest."""
+    from .logs import json_enabled
+
+    if json_enabled():
+        logging.getLogger("mailer").log(logging.ERROR if error else logging.INFO, message)
+    else:
+        click.echo(f"error: {message}" if error else message, err=True)
 
 
 def user_errors(func: F) -> F:
@@ -32,7 +43,7 @@ def user_errors(func: F) -> F:
         except MailerError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            _say("interrupted")
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

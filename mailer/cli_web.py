@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from .links import refuse_broken_links
+    from .logs import json_enabled
     from .web import create_app
     from .web.server import uvicorn_config
 
@@ -39,12 +41,16 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     app = create_app(settings)
     host = host or settings.web.host
     port = port or settings.web.port
-    click.echo(f"serving on http://{host}:{port}/subscribe "
-               f"(links in mails use {settings.base_url})")
+    line = f"serving on http://{host}:{port}/subscribe (links in mails use {settings.base_url})"
+    if json_enabled():  # stdout too stays one JSON object per line
+        logging.getLogger("mailer.web").info(line)
+    else:
+        click.echo(line)
     # The client's address comes from the app (X-Forwarded-For only from web.trusted_proxies),
     # not from uvicorn's proxy_headers, which believes 127.0.0.1 by default. Access lines show
     # paths without tokens; repeated lines are throttled.
-    uvicorn.Server(uvicorn_config(app, settings, host=host, port=port)).run()
+    uvicorn.Server(uvicorn_config(app, settings, host=host, port=port,
+                                  json_logs=json_enabled())).run()
 
 
 @click.group()

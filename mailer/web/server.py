@@ -134,10 +134,13 @@ def max_connections(web: WebSettings, *, soft_file_limit: int | None = None) -> 
 
 
 def uvicorn_config(app: Any, settings: Settings, *, host: str, port: int,
-                   log_level: str = "info") -> Any:
+                   log_level: str = "info", json_logs: bool = False) -> Any:
     """The uvicorn.Config of `mailer serve`: no proxy headers (the app resolves the client
-    from `web.trusted_proxies`), the limits of the `web` block, filtered logs."""
+    from `web.trusted_proxies`), the limits of the `web` block, filtered logs. With
+    `json_logs`, uvicorn keeps its hands off logging and its lines reach the root logger's
+    JSON handler (mailer/logs.py)."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     web = settings.web
     limit = max_connections(web)
@@ -149,7 +152,8 @@ def uvicorn_config(app: Any, settings: Settings, *, host: str, port: int,
         app, host=host, port=port, http=guarded_protocol(guard), proxy_headers=False,
         server_header=False, log_level=log_level, limit_concurrency=web.limit_concurrency,
         timeout_keep_alive=web.timeout_keep_alive_s, backlog=web.backlog,
-        h11_max_incomplete_event_size=web.max_header_bytes, ws="none", lifespan="on")
+        h11_max_incomplete_event_size=web.max_header_bytes, ws="none", lifespan="on",
+        log_config=None if json_logs else LOGGING_CONFIG)
     install_log_filters(throttle=True)  # after uvicorn.Config, which sets up its loggers
     return config
 
