@@ -15,6 +15,8 @@ import click
 
 from .cli_base import Ctx, pass_ctx, user_errors
 
+FAILED_SHOWN = 5  # failed fires listed under a campaign by `mailer schedule` (--json: all 20)
+
 
 class UtcFormatter(logging.Formatter):
     """`2026-12-01T08:00:00.123Z INFO event=fire campaign=… run=…` on stderr."""
@@ -103,7 +105,12 @@ def _line(row: dict[str, Any]) -> str:
     done = (f"last run {last['id']} {last['status']} ({last['occurrence']}, {last['total']} "
             "recipients)" if last else "never run")
     missed = f", {len(row['missed'])} missed" if row["missed"] else ""
-    return f"{row['campaign']}: {row['schedule']}; {when}; {done}{missed}"
+    failed = f", {len(row['failed'])} failed" if row["failed"] else ""
+    lines = [f"{row['campaign']}: {row['schedule']}; {when}; {done}{missed}{failed}"]
+    for fire in row["failed"][:FAILED_SHOWN]:  # what failed and what to do, newest first
+        at = (fire["scheduled_utc"] or "")[:16]
+        lines.append(f"  run {fire['run']} ({fire['status']}, scheduled {at}Z): {fire['note']}")
+    return "\n".join(lines)
 
 
 def register(main: click.Group) -> None:

@@ -19,14 +19,17 @@ source):
   compatibility in 3.x). Staff write crontab, where 0 and 7 are Sunday: `cron_trigger` translates
   numeric weekdays into names.
 
-Daylight saving time in the configured zone (Europe/Berlin), for a cron with fixed hours:
+Daylight saving time in the configured zone (Europe/Berlin), for a cron with fixed hours: every
+matching wall-clock time fires exactly once (`CampaignCronTrigger` in triggers.py; tests in
+tests/test_triggers.py sweep every minute pattern over both nights):
 
 * spring forward (e.g. 2027-03-28, 02:00 → 03:00): a wall-clock time in the skipped hour fires
-  once, one hour later on the clock: "30 2 * * *" fires at 03:30 CEST (01:30 UTC). This is
-  APScheduler's reading of a non-existent local time (the offset before the jump).
+  once, one hour later on the clock: "30 2 * * *" fires at 03:30 CEST (01:30 UTC), and
+  "*/5 2 * * *" at 03:00, 03:05, … 03:55 CEST (APScheduler alone fires only 03:00).
 * fall back (e.g. 2026-10-25, 03:00 → 02:00): a wall-clock time in the repeated hour fires once,
-  at its first pass: "30 2 * * *" fires at 02:30 CEST (00:30 UTC), not again at 02:30 CET.
-  APScheduler alone fires it twice; `CampaignCronTrigger` skips the repeat.
+  at its first pass: "30 2 * * *" fires at 02:30 CEST (00:30 UTC), not again at 02:30 CET, and
+  "*/5 2 * * *" fires 02:00-02:55 CEST and nothing in the second pass (APScheduler alone fires
+  both passes).
 * crons whose hour field is `*` run by elapsed time and fire in both passes of the repeated hour
   (an hourly job stays hourly), as Vixie cron does.
 
@@ -35,6 +38,13 @@ Exactly one run per occurrence: a one-off (`at`) campaign has the occurrence "on
 time, written as UTC ISO 8601 ("2026-12-01T08:00:00+00:00"). The ledger's unique key on (campaign,
 occurrence) makes a second fire find the run and at most resume it. A missed one-off is recorded
 under "once-missed", so `mailer send` can still send it.
+
+A fire that fails (a list file gone, the database refusing the snapshot, a bug) is never only
+logged: APScheduler has moved on, so the occurrence would be lost without a trace. When no run
+exists yet, a run with status `failed` and the reason in its note takes the occurrence (a
+one-off's under "once-failed", leaving "once" to `mailer send`), like a missed one; when the run
+exists (its rows are in the ledger), the run stays `running`, so the next start of `mailer run`
+or `mailer send` resumes it, and its note says what failed. `mailer schedule` lists both.
 
 A campaign file that does not pass `check_campaign` (a typo, a YAML bomb, a bug further down)
 is reported once per change at WARNING (`event=campaign-invalid`, one sentence) and skipped; the
@@ -71,23 +81,28 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, text, update
+from sqlalchemy.exc import DBAPIError
 
 from . import heartbeat
 from .campaign import Campaign, campaign_files, resolve_local
 from .checks import Checked, check_campaign
 from .config import Settings, load_settings
-from .errors import UserError
+from .errors import MailerError, UserError
 from .files import private_dir
+from .redact import redact_addresses
 from .sending import ONCE  # the occurrence of a one-off campaign, shared with `mailer send`
 from .store import RunStatus, Store, open_store
 from .store import queries as q
+from .store.tables import runs
 from .triggers import cron_trigger
 
 log = logging.getLogger("mailer.scheduler")
 
 JOB_TABLE = "scheduler_jobs"
 MISSED_ONCE = "once-missed"  # a one-off recorded as missed; leaves "once" free for `mailer send`
+FAILED_ONCE = "once-failed"  # a one-off whose fire failed before its run existed; likewise
+FIRE_FAILED = "fire failed"  # how the note of a run whose delivery a failure cut off begins
 TRIGGER = "scheduler"
 
 LOCK_KEYS = (0x494D4147, 1)  # pg_try_advisory_lock(int, int): "IMAG", scheduler
@@ -252,10 +267,20 @@ class PostgresLeader:
     def try_acquire(self) -> bool:
         if self._conn is not None:
             return self.held()
-        conn = self.engine.connect()
-        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"),
-                                {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]}).scalar())
-        conn.commit()  # the lock is session-level; do not sit idle in a transaction
+        try:
+            conn = self.engine.connect()
+        except DBAPIError as exc:  # the database is down or restarting: stand by, try again
+            log_event("leader-acquire-failed", level=logging.WARNING, error=type(exc).__name__)
+            return False
+        try:
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"),
+                                    {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]}).scalar())
+            conn.commit()  # the lock is session-level; do not sit idle in a transaction
+        except DBAPIError as exc:
+            log_event("leader-acquire-failed", level=logging.WARNING, error=type(exc).__name__)
+            with contextlib.suppress(Exception):
+                conn.close()
+            return False
         if not got:
             conn.close()
             return False
@@ -305,22 +330,38 @@ def leader_for(store: Store, settings: Settings) -> Leadership:
 
 
 def one_off_done(conn: Connection, campaign_id: str) -> q.Run | None:
-    """The run that settled a one-off campaign: sent (or being sent), or recorded missed."""
-    return q.find_run(conn, campaign_id, ONCE) or q.find_run(conn, campaign_id, MISSED_ONCE)
+    """The run that settled a one-off campaign: sent (or being sent), recorded missed or failed."""
+    for occurrence in (ONCE, MISSED_ONCE, FAILED_ONCE):
+        if (run := q.find_run(conn, campaign_id, occurrence)) is not None:
+            return run
+    return None
+
+
+def note_run(conn: Connection, run_id: int, note: str) -> None:
+    conn.execute(update(runs).where(runs.c.id == run_id).values(note=note))
+
+
+def failed_fires(conn: Connection, campaign_id: str) -> list[q.Run]:
+    """Fires that failed: runs recorded `failed`, and running ones a failure cut off."""
+    failed = q.runs_with_status(conn, campaign_id, RunStatus.FAILED)
+    cut = [r for r in q.runs_with_status(conn, campaign_id, RunStatus.RUNNING)
+           if (r.note or "").startswith(FIRE_FAILED)]
+    return sorted(failed + cut, key=lambda r: r.id, reverse=True)
 
 
 # --- the executor and the job function --------------------------------------------------------
 
 
 class OccurrenceExecutor(AsyncIOExecutor):
-    """Runs `fire` with the fire times it stands for, as a task the runner owns."""
+    """Runs `fire` with the fire times it stands for, as a task of the runner that owns us."""
 
-    def __init__(self, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]) -> None:
+    def __init__(self, runner: Runner) -> None:
         super().__init__()
-        self._spawn = spawn
+        self._runner = runner
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        task = self._spawn(job.func(*job.args, run_times=list(run_times), **job.kwargs))
+        task = self._runner.spawn(job.func(*job.args, run_times=list(run_times),
+                                           runner=self._runner, **job.kwargs))
 
         def done(t: asyncio.Task[None]) -> None:
             if t.cancelled() or t.exception() is None:
@@ -335,13 +376,14 @@ class OccurrenceExecutor(AsyncIOExecutor):
         """Never cancel a send: the runner awaits in-flight fires before it shuts us down."""
 
 
-_runners: dict[str, Runner] = {}
+async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[datetime] = (),
+               runner: Runner | None = None) -> None:
+    """The job function: importable, with picklable arguments only (what the job store keeps).
 
-
-async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[datetime] = ()) -> None:
-    """The job function: importable, with picklable arguments only (what the job store keeps)."""
-    runner = _runners.get(config_path) or (next(iter(_runners.values())) if _runners else None)
-    if runner is None:  # run outside `mailer run`: load everything from the config
+    `mailer run`'s executor hands over the runner that fires it; a job run any other way
+    (no runner) loads everything from the config path it was stored with.
+    """
+    if runner is None:
         settings = load_settings(config_path)
         runner = Runner(settings=settings, store=open_store(settings.database_url),
                         config_path=config_path)
@@ -359,6 +401,28 @@ class Known:
     stamp: tuple[int, int]
     campaign_id: str | None = None
     error: str | None = None
+
+
+@dataclass
+class Firing:
+    """What a fire got to before it failed: enough to record the failure against its run."""
+
+    campaign_id: str
+    run_times: Sequence[datetime]
+    campaign: Campaign | None = None
+    decision: Decision | None = None
+    run: q.Run | None = None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line, no addresses: a user error's sentence, else the error's type and message."""
+    if isinstance(exc, UserError):
+        text_ = exc.sentence()
+    elif isinstance(exc, MailerError):
+        text_ = str(exc)
+    else:
+        text_ = f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}"
+    return redact_addresses(" ".join(text_.split()))[:500]
 
 
 @dataclass
@@ -479,8 +543,8 @@ class Runner:
                 if job is not None:
                     scheduler.remove_job(campaign.id)
                 log_event("schedule-ignored", campaign=campaign.id, run=done.id,
-                          status=done.status, reason="this one-off campaign has already run; "
-                          "mailer send --again sends it anew")
+                          status=done.status, reason="this one-off campaign's occurrence is "
+                          "settled; mailer send sends it (--again anew)")
                 return
         trigger = trigger_for(campaign, self.settings)
         if job is None:
@@ -504,28 +568,29 @@ class Runner:
         return task
 
     async def fire(self, campaign_id: str, run_times: Sequence[datetime]) -> None:
+        firing = Firing(campaign_id, run_times)
         try:
-            await self._fire(campaign_id, run_times)
-        except UserError as exc:
-            log_event("fire-failed", level=logging.ERROR, campaign=campaign_id,
-                      error=exc.sentence())
-        except Exception:
-            log.exception("event=fire-failed campaign=%s", campaign_id)
+            await self._fire(firing)
+        except Exception as exc:  # the schedule has moved on: record it, never only log it
+            await self.failed(firing, exc)
 
-    async def _fire(self, campaign_id: str, run_times: Sequence[datetime]) -> None:
+    async def _fire(self, firing: Firing) -> None:
+        campaign_id = firing.campaign_id
         found = await asyncio.to_thread(self.checked, campaign_id)
         if found is None:
             log_event("fire-skipped", level=logging.WARNING, campaign=campaign_id,
                       reason="no valid campaign file with this id any more")
             return
         path, checked = found
+        firing.campaign = checked.campaign
         broken = self.files.get(path)
         if broken is not None and broken.error:
             log_event("fire-last-good", level=logging.WARNING, campaign=campaign_id,
                       file=path.name, error=broken.error,
                       note="the file is broken; its last good version is used")
-        decision = decide(checked.campaign, run_times, now=self.now(),
+        decision = decide(checked.campaign, firing.run_times, now=self.now(),
                           grace_s=self.settings.scheduler.misfire_grace_s, zone=self.settings.tz)
+        firing.decision = decision
         if not is_fire_time(checked.campaign, self.settings, decision.scheduled_at):
             log_event("fire-skipped", campaign=campaign_id, scheduled=_utc(decision.scheduled_at),
                       reason="the schedule changed since; the new one applies")
@@ -536,7 +601,61 @@ class Runner:
                       campaign=campaign_id, occurrence=decision.occurrence, note=decision.note)
         run = await asyncio.to_thread(self._start, checked, decision)
         if run is not None:
+            firing.run = run
             await self.deliver(checked, run, event="start" if decision.send else "resume")
+
+    async def failed(self, firing: Firing, exc: Exception, *, event: str = "fire-failed"
+                     ) -> None:
+        """Log a failed fire (or resume) and record it in the ledger (see the module doc)."""
+        reason = failure_reason(exc)
+        log_event(event, level=logging.ERROR, campaign=firing.campaign_id,
+                  run=firing.run.id if firing.run else None, error=reason)
+        if not isinstance(exc, MailerError):  # a bug: its traceback belongs in the log
+            log.error("event=%s campaign=%s traceback follows", event, firing.campaign_id,
+                      exc_info=exc)
+        try:
+            run = await asyncio.to_thread(self._record_failure, firing, reason)
+        except Exception as again:
+            log_event("failure-unrecorded", level=logging.ERROR, campaign=firing.campaign_id,
+                      error=failure_reason(again), lost=reason)
+            return
+        if run is not None:
+            log_event("failure-recorded", level=logging.WARNING, campaign=run.campaign_id,
+                      run=run.id, occurrence=run.occurrence, status=run.status)
+
+    def _record_failure(self, firing: Firing, reason: str) -> q.Run | None:
+        """The failed run, or the note on the run a failure cut off; None if another took it."""
+        local = self.now().astimezone(self.settings.tz)
+        hint = f"mailer send {firing.campaign_id}"
+        with self.store.engine.begin() as conn:
+            if firing.run is not None:
+                note = (f"{FIRE_FAILED} at {local:%Y-%m-%d %H:%M %Z}: {reason}; the rows not "
+                        f"yet sent are resumed by the next start of mailer run or by: {hint}")
+                note_run(conn, firing.run.id, note)
+                return q.get_run(conn, firing.run.id)
+            decision = firing.decision
+            scheduled = (decision.scheduled_at if decision else
+                         max(firing.run_times, key=lambda d: d.astimezone(UTC), default=None))
+            schedule = firing.campaign.schedule if firing.campaign else None
+            if decision is not None and decision.occurrence in (ONCE, MISSED_ONCE):
+                occurrence = FAILED_ONCE
+            elif decision is not None:
+                occurrence = decision.occurrence
+            elif schedule is not None and schedule.at is not None:
+                occurrence = FAILED_ONCE
+            else:
+                occurrence = _utc(scheduled) or f"failed-{local:%Y%m%dT%H%M%S}"
+            note = f"failed: {reason}; not sent - send it with: {hint}"
+            run, created = q.insert_run(
+                conn, campaign_id=firing.campaign_id, occurrence=occurrence, trigger=TRIGGER,
+                status=RunStatus.FAILED, scheduled_at=scheduled,
+                late_s=decision.late_s if decision else None, note=note)
+            if created:
+                return run
+            if run.status == RunStatus.RUNNING:  # another fire started it meanwhile
+                note_run(conn, run.id, f"{FIRE_FAILED} at {local:%Y-%m-%d %H:%M %Z}: {reason}")
+                return q.get_run(conn, run.id)
+            return None
 
     def _start(self, checked: Checked, decision: Decision) -> q.Run | None:
         """Create the run of this occurrence, or find it; None when there is nothing to send."""
@@ -634,8 +753,10 @@ class Runner:
     async def _resume(self, checked: Checked, run: q.Run) -> None:
         try:
             await self.deliver(checked, run, event="resume")
-        except Exception:
-            log.exception("event=resume-failed campaign=%s run=%s", run.campaign_id, run.id)
+        except Exception as exc:  # recorded on the run, which stays resumable
+            firing = Firing(run.campaign_id, [run.scheduled_at] if run.scheduled_at else [],
+                            campaign=checked.campaign, run=run)
+            await self.failed(firing, exc, event="resume-failed")
 
     async def finish_in_flight(self, *, timeout_s: float | None = None) -> None:
         """Wait for in-flight fires (bounded); the dispatcher stopped claiming when stop was set."""
@@ -654,7 +775,7 @@ class Runner:
     def make_scheduler(self) -> AsyncIOScheduler:
         scheduler = AsyncIOScheduler(timezone=self.settings.tz)
         scheduler.add_jobstore(SQLAlchemyJobStore(engine=self.store.engine, tablename=JOB_TABLE))
-        scheduler.add_executor(OccurrenceExecutor(self.spawn))
+        scheduler.add_executor(OccurrenceExecutor(self))
         return scheduler
 
     async def sync(self, scheduler: AsyncIOScheduler, *, force: bool = False) -> None:
@@ -715,28 +836,24 @@ async def serve(settings: Settings, config_path: str, *, once: bool = False, now
     runner = Runner(settings=settings, store=store, config_path=config_path, now=now,
                     stop=stop or asyncio.Event())
     leader = leader_for(store, settings)
-    _runners[config_path] = runner
-    try:
-        while not runner.stop.is_set():
-            if not await asyncio.to_thread(leader.try_acquire):
-                if once:
-                    log_event("standby", reason="another mailer run leads; nothing to do")
-                    return 0
-                log_event("standby", reason="another mailer run leads; waiting to take over")
-                while not await asyncio.to_thread(leader.try_acquire):
-                    if await _wait(runner.stop, settings.scheduler.poll_s):
-                        return 0
-            log_event("leader", pid=os.getpid(), lock=type(leader).__name__)
-            try:
-                await runner.lead(leader, once=once)
-            finally:
-                leader.release()
+    while not runner.stop.is_set():
+        if not await asyncio.to_thread(leader.try_acquire):
             if once:
-                break
-        log_event("exit", reason="stopped" if runner.stop.is_set() else "done")
-        return 0
-    finally:
-        _runners.pop(config_path, None)
+                log_event("standby", reason="another mailer run leads; nothing to do")
+                return 0
+            log_event("standby", reason="another mailer run leads; waiting to take over")
+            while not await asyncio.to_thread(leader.try_acquire):
+                if await _wait(runner.stop, settings.scheduler.poll_s):
+                    return 0
+        log_event("leader", pid=os.getpid(), lock=type(leader).__name__)
+        try:
+            await runner.lead(leader, once=once)
+        finally:
+            leader.release()
+        if once:
+            break
+    log_event("exit", reason="stopped" if runner.stop.is_set() else "done")
+    return 0
 
 
 # --- `mailer schedule` ------------------------------------------------------------------------
@@ -798,6 +915,7 @@ def _overview_row(campaign: Campaign, path: Path, settings: Settings, store: Sto
     with store.engine.connect() as conn:
         last = q.last_run(conn, campaign.id)
         missed = q.runs_with_status(conn, campaign.id, RunStatus.MISSED)
+        failed = failed_fires(conn, campaign.id)
         done = one_off_done(conn, campaign.id) if campaign.schedule.at else None
     nxt = None if done is not None else next_fire(campaign, settings, now)
     return {
@@ -807,9 +925,11 @@ def _overview_row(campaign: Campaign, path: Path, settings: Settings, store: Sto
             "id": last.id, "occurrence": last.occurrence, "status": last.status,
             "trigger": last.trigger, "scheduled_utc": _utc(last.scheduled_at),
             "late_s": last.late_s, "total": last.total,
-            "finished_utc": _utc(last.finished_at)},
+            "finished_utc": _utc(last.finished_at), "note": last.note},
         "missed": [{"occurrence": r.occurrence, "scheduled_utc": _utc(r.scheduled_at),
                     "note": r.note} for r in missed],
+        "failed": [{"run": r.id, "occurrence": r.occurrence, "status": r.status,
+                    "scheduled_utc": _utc(r.scheduled_at), "note": r.note} for r in failed],
     }
 
 

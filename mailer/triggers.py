@@ -2,21 +2,29 @@
 
 * `CronTrigger.from_crontab` numbers weekdays from Monday (0 = Monday; apscheduler#286, kept in
   3.x). In crontab 0 and 7 are Sunday: `crontab_weekdays` translates numbers into names.
-* In the fall-back night a fixed-hour cron fires once, at the first pass of the repeated hour;
-  APScheduler alone fires it twice. In the spring-forward gap it fires once, one hour later on
-  the clock (APScheduler's reading of a non-existent local time).
+* A cron with fixed hours (any hour field but `*`) names wall-clock times, and each matching
+  wall-clock time fires exactly once, at the instant `zoneinfo` gives it with `fold=0`:
+  - in the fall-back night, at the first pass of the repeated hour (APScheduler alone fires
+    both passes);
+  - in the spring-forward gap, one hour later on the clock (the time read with the offset
+    before the jump): `*/5 2 * * *` fires at 03:00, 03:05, … 03:55 CEST (APScheduler alone
+    fires only 03:00). A gap time that falls on a time the cron names anyway fires once.
+* A cron whose hour field is `*` runs by elapsed time: it fires in both passes of the repeated
+  hour (an hourly job stays hourly), as Vixie cron does, and the gap simply does not happen.
 * Crontab fires when the day of month *or* the weekday matches if both are restricted;
   APScheduler needs both. Rather than guess, such expressions are refused with a clear message.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 
 WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")  # crontab: 0 and 7 = Sunday
+NEAR = timedelta(hours=3)  # wider than any shift of the clock
+MAX_CANDIDATES = 10_000  # wall-clock times looked at; a shift's night needs ~100 at most
 
 
 def crontab_weekdays(value: str) -> str:
@@ -42,12 +50,18 @@ def crontab_weekdays(value: str) -> str:
     return "*" if len(names) == 7 else ",".join(names)
 
 
-def _repeated_wall_time(when: datetime, zone: tzinfo) -> bool:
-    """Is this the second pass of a wall-clock time the fall-back night repeats?"""
-    local = when.astimezone(zone)
-    naive = local.replace(tzinfo=None)
-    first = naive.replace(tzinfo=zone, fold=0)
-    return first.utcoffset() != local.utcoffset() and first.astimezone(UTC) < local.astimezone(UTC)
+def wall_instant(wall: datetime, zone: tzinfo) -> datetime:
+    """The instant (UTC) a wall-clock time stands for: the first pass of a repeated time, and
+    a time in the spring-forward gap read with the offset before the jump (PEP 495, fold=0)."""
+    return wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
+
+
+def _offsets_near(when: datetime, zone: tzinfo) -> tuple[timedelta, timedelta]:
+    """The zone's UTC offsets a few hours before and after `when`."""
+    before, after = (when - NEAR).astimezone(zone).utcoffset(), \
+        (when + NEAR).astimezone(zone).utcoffset()
+    assert before is not None and after is not None
+    return before, after
 
 
 class CampaignCronTrigger(CronTrigger):
@@ -55,7 +69,7 @@ class CampaignCronTrigger(CronTrigger):
 
     __slots__ = ("expr", "fixed_hours")
 
-    def __init__(self, expr: str, *, timezone: tzinfo, start_date: datetime | None = None) -> None:
+    def __init__(self, expr: str, *, timezone: tzinfo) -> None:
         values = expr.split()
         if len(values) != 5:
             raise ValueError(f"wrong number of fields; got {len(values)}, expected 5")
@@ -65,19 +79,49 @@ class CampaignCronTrigger(CronTrigger):
                 "restrict either the day of month or the weekday, not both (crontab would fire "
                 "when either matches); use two campaigns if you need both")
         super().__init__(minute=minute, hour=hour, day=day, month=month,
-                         day_of_week=crontab_weekdays(weekday), timezone=timezone,
-                         start_date=start_date)
+                         day_of_week=crontab_weekdays(weekday), timezone=timezone)
         self.expr = expr
         self.fixed_hours = hour not in ("*", "*/1")
 
     def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime
                            ) -> datetime | None:
-        nxt = super().get_next_fire_time(previous_fire_time, now)
-        for _ in range(8):  # a repeated hour holds at most 60 fire times of a fixed-hour cron
-            if nxt is None or not self.fixed_hours or not _repeated_wall_time(nxt, self.timezone):
-                return nxt
-            nxt = super().get_next_fire_time(nxt, max(now, nxt, key=lambda d: d.astimezone(UTC)))
-        return nxt
+        if not self.fixed_hours:
+            return super().get_next_fire_time(previous_fire_time, now)
+        return self._by_wall_time(self._search_start(previous_fire_time, now))
+
+    def _search_start(self, previous: datetime | None, now: datetime) -> datetime:
+        """The earliest instant the next fire may be, as CronTrigger computes it (UTC)."""
+        if previous is not None:
+            previous = previous.astimezone(UTC)
+            start = min(now.astimezone(UTC), previous + timedelta(microseconds=1))
+            return start + timedelta(microseconds=1) if start == previous else start
+        return now.astimezone(UTC)  # no start_date: cron_trigger never sets one
+
+    def _by_wall_time(self, start: datetime) -> datetime | None:
+        """The earliest instant at or after `start` that a matching wall-clock time stands for.
+
+        Wall-clock times are enumerated on a copy of this trigger in UTC, where wall-clock
+        arithmetic knows no shifts. A wall time w stands for w - offset(w): only w from
+        start + (the smallest offset near start) on can stand for an instant at or after start,
+        and no w later than (best instant + the largest offset near it) for one before it.
+        Away from a shift that is one or two steps; in a shift's night, an hour's fires at most.
+        """
+        zone = self.timezone
+        walls = CronTrigger.__new__(CronTrigger)
+        walls.__setstate__({"version": 2, "timezone": UTC, "start_date": None,
+                            "end_date": None, "fields": self.fields, "jitter": None})
+        wall = walls.get_next_fire_time(None, start + min(_offsets_near(start, zone)))
+        best: datetime | None = None
+        limit: datetime | None = None
+        for _ in range(MAX_CANDIDATES):
+            if wall is None or (limit is not None and wall > limit):
+                break
+            instant = wall_instant(wall.replace(tzinfo=None), zone)
+            if instant >= start and (best is None or instant < best):
+                best = instant
+                limit = instant + max(_offsets_near(instant, zone))
+            wall = walls.get_next_fire_time(wall, wall)
+        return None if best is None else best.astimezone(zone)
 
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()
@@ -90,6 +134,5 @@ class CampaignCronTrigger(CronTrigger):
         self.fixed_hours = state.get("fixed_hours", True)
 
 
-def cron_trigger(expr: str, zone: tzinfo, *, start_date: datetime | None = None
-                 ) -> CampaignCronTrigger:
-    return CampaignCronTrigger(expr, timezone=zone, start_date=start_date)
+def cron_trigger(expr: str, zone: tzinfo) -> CampaignCronTrigger:
+    return CampaignCronTrigger(expr, timezone=zone)

@@ -96,9 +96,6 @@ def _fresh_postgres(base: str) -> Iterator[str]:
     try:
         yield f"{head}/{name}"
     finally:
-        from mailer.store import db as store_db
-
-        store_db._migrated.discard(f"{head}/{name}")
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

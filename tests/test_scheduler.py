@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -20,18 +21,24 @@ from apscheduler.triggers.cron import CronTrigger
 
 from mailer.config import SchedulerSettings, Settings
 from mailer.scheduler import (
+    FAILED_ONCE,
+    FIRE_FAILED,
     JOB_TABLE,
+    LOCK_KEYS,
     MISSED_ONCE,
     ONCE,
+    PostgresLeader,
     Runner,
     decide,
+    kept_jobs,
     schedule_overview,
     serve,
 )
-from mailer.store import RunStatus, open_store
+from mailer.store import RunStatus, Store, open_store
 from mailer.store import queries as q
 from mailer.triggers import cron_trigger, crontab_weekdays
 from tests.conftest import Project, both_databases
+from tests.helpers import refuse_sent_rows
 
 BERLIN = ZoneInfo("Europe/Berlin")
 CAMPAIGN = """\
@@ -155,9 +162,10 @@ def test_decide_grace_and_coalescing(project: Project) -> None:
 # --- fires with an injected clock -------------------------------------------------------------
 
 
-def runner_for(project: Project, now: datetime, **changes: float) -> Runner:
+def runner_for(project: Project, now: datetime, *, store: Store | None = None,
+               **changes: float) -> Runner:
     settings = fast(project.settings(), **changes)
-    runner = Runner(settings=settings, store=open_store(settings.database_url),
+    runner = Runner(settings=settings, store=store or open_store(settings.database_url),
                     config_path=str(project.config), now=lambda: now)
     runner.load_changes()
     return runner
@@ -198,7 +206,8 @@ async def test_within_grace_is_sent_late_with_late_s(project: Project) -> None:
 async def test_two_fires_of_one_occurrence_make_one_run(project: Project) -> None:
     t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
     project.campaign("daily.yaml", campaign_text('cron: "0 8 * * *"'))
-    one, two = runner_for(project, t), runner_for(project, t)
+    one = runner_for(project, t)  # one process, one store (its registry of live dispatchers)
+    two = runner_for(project, t, store=one.store)
     await asyncio.gather(one.fire("daily", [t]), two.fire("daily", [t]))
     [run] = runs_of(one.settings, "daily")
     assert run.status == RunStatus.FINISHED
@@ -212,6 +221,13 @@ async def test_a_fire_after_the_file_changed_follows_the_new_schedule(project: P
     path.write_text(at_text(t + timedelta(hours=1)), encoding="utf-8")
     await runner.fire("moved", [t])  # the old job fires before the watcher saw the edit
     assert runs_of(runner.settings, "moved") == []
+    # ... and the fire of the new time is the one that sends (so the first did nothing
+    # because of the edit, not because a fire never does anything)
+    later = runner_for(project, t + timedelta(hours=1), store=runner.store)
+    await later.fire("moved", [t + timedelta(hours=1)])
+    [run] = runs_of(runner.settings, "moved")
+    assert run.status == RunStatus.FINISHED and run.scheduled_at == t + timedelta(hours=1)
+    assert len(outbox(runner.settings)) == run.total > 0
 
 
 # --- a real scheduler in real time ------------------------------------------------------------
@@ -250,8 +266,11 @@ async def test_at_fires_within_a_second_and_not_again_after_an_edit(project: Pro
         assert 0 <= first - when.timestamp() < 1.0
         await until(lambda: runs_of(settings, "soon")[0].status == RunStatus.FINISHED, 5)
         assert "soon" not in jobs(settings)
-        path.write_text(at_text(when + timedelta(seconds=2)), encoding="utf-8")
-        await asyncio.sleep(3.0)  # the watcher sees the edit; the one-off already ran
+        path.write_text(at_text(when + timedelta(hours=1)), encoding="utf-8")
+        # A file written after the edit: once the watcher has seen it, it has seen the edit.
+        project.campaign("control.yaml", at_text(when + timedelta(hours=2)))
+        await until(lambda: "control" in jobs(settings), 5)
+        await asyncio.sleep(0.5)  # and a few polls more
         assert len(runs_of(settings, "soon")) == 1 and "soon" not in jobs(settings)
     finally:
         assert await running.close() == 0
@@ -261,18 +280,18 @@ async def test_edited_at_moves_and_deleted_file_removes_the_job(project: Project
     settings = fast(project.settings())
     now = datetime.now(UTC).replace(microsecond=0)
     moved = project.campaign("moved.yaml", at_text(now + timedelta(minutes=30)))
-    gone = project.campaign("gone.yaml", at_text(now + timedelta(seconds=3)))
+    gone = project.campaign("gone.yaml", at_text(now + timedelta(minutes=30)))
     running = Running(settings, project)
     try:
         await until(lambda: sorted(jobs(settings)) == ["gone", "moved"], 5)
         gone.unlink()
         new_time = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
         moved.write_text(at_text(new_time), encoding="utf-8")
-        await until(lambda: runs_of(settings, "moved"), 6)
+        await until(lambda: "gone" not in jobs(settings), 5)  # removed, long before its time
+        await until(lambda: runs_of(settings, "moved"), 6)  # the same watcher saw the edit
         [run] = runs_of(settings, "moved")
         assert run.scheduled_at == new_time
-        await asyncio.sleep(max(0.0, (now + timedelta(seconds=4)).timestamp() - time.time()))
-        assert runs_of(settings, "gone") == [] and "gone" not in jobs(settings)
+        assert runs_of(settings, "gone") == []
     finally:
         assert await running.close() == 0
 
@@ -482,10 +501,15 @@ async def test_a_file_broken_while_running_keeps_its_job_and_shows_as_broken(
         await until(lambda: sorted(jobs(settings)) == ["later", "other"], 5)
         path.write_text("[" * 100_000, encoding="utf-8")
         await until(lambda: invalid_lines(caplog, "later.yaml"), 5)
-        await asyncio.sleep(1.0)  # a few more polls: nothing else happens to it
+        # More polls, and they do run: an edit of the other file made now is picked up.
+        store = open_store(settings.database_url)
+        moved = when + timedelta(hours=3)
+        project.campaign("other.yaml", at_text(moved))
+        await until(lambda: kept_jobs(store, settings)["other.yaml"]["next_utc"]
+                    == moved.isoformat(), 5)
+        await asyncio.sleep(0.5)
         assert not running.task.done() and sorted(jobs(settings)) == ["later", "other"]
         assert len(invalid_lines(caplog, "later.yaml")) == 1  # once per change, not per poll
-        store = open_store(settings.database_url)
         [row] = [r for r in schedule_overview(settings, store) if r["file"] == "later.yaml"]
         assert "nested more than" in row["error"] and row["kept"]["campaign"] == "later"
         assert row["kept"]["next_utc"] == when.isoformat()
@@ -499,3 +523,303 @@ async def test_a_file_broken_while_running_keeps_its_job_and_shows_as_broken(
         assert "other: at " in shown.stdout
     finally:
         assert await running.close() == 0
+
+
+# --- a fire that fails is recorded, never only logged (issue 14) --------------------------------
+
+
+def refuse_inserts(store: Store, table: str, *, on: bool) -> None:
+    """A trigger that makes every INSERT into `table` fail, as a full disk or a lost database
+    would: the real database refuses, nothing in the code is replaced."""
+    name = f"refuse_{table}"
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} refused'); END" if on
+                else f"DROP TRIGGER {name}")
+        elif on:
+            conn.exec_driver_sql(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"RAISE EXCEPTION '{table} refused'; END $$")
+            conn.exec_driver_sql(f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
+                                 f"FOR EACH ROW EXECUTE FUNCTION {name}()")
+        else:
+            conn.exec_driver_sql(f"DROP TRIGGER {name} ON {table}")
+            conn.exec_driver_sql(f"DROP FUNCTION {name}()")
+
+
+def overview_of(settings: Settings, campaign_id: str) -> dict[str, Any]:
+    rows = schedule_overview(settings, open_store(settings.database_url))
+    [row] = [r for r in rows if r["campaign"] == campaign_id]
+    return row
+
+
+def events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if f"{r.getMessage()} ".startswith(f"event={event} ")]
+
+
+async def test_a_fire_that_fails_before_its_run_is_recorded_as_failed(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    """A list file broken after the campaign was loaded: the occurrence is not lost."""
+    t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    project.campaign("daily.yaml", campaign_text('cron: "0 8 * * *"'))
+    runner = runner_for(project, t + timedelta(minutes=1))
+    lists = project.root / "lists" / "partners.yaml"
+    good = lists.read_text()
+    lists.write_text("- {email: [unclosed\n")
+    await runner.fire("daily", [t])
+    lists.write_text(good)  # fixed by the time someone looks
+    [run] = runs_of(runner.settings, "daily")
+    assert (run.status, run.occurrence, run.total) == (RunStatus.FAILED, t.isoformat(), 0)
+    assert run.scheduled_at == t and run.late_s == 60
+    assert run.note and "partners.yaml, line 2: YAML syntax error" in run.note
+    assert "mailer send daily" in run.note and outbox(runner.settings) == []
+    [logged] = events(caplog, "fire-failed")
+    assert logged.levelno == logging.ERROR and "partners.yaml, line 2" in logged.getMessage()
+    row = overview_of(runner.settings, "daily")
+    assert row["last_run"]["status"] == "failed"
+    [failed] = row["failed"]
+    assert failed["status"] == "failed" and failed["occurrence"] == t.isoformat()
+    assert "YAML syntax error" in failed["note"]
+    await runner.fire("daily", [t])  # a second fire of that occurrence adds nothing
+    assert [r.status for r in runs_of(runner.settings, "daily")] == [RunStatus.FAILED]
+
+
+@both_databases
+async def test_a_database_fault_in_a_fire_is_recorded_with_its_reason(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    """Not a user error: the database refuses the snapshot. Failed run, traceback logged."""
+    t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    project.campaign("daily.yaml", campaign_text('cron: "0 8 * * *"'))
+    runner = runner_for(project, t)
+    refuse_inserts(runner.store, "deliveries", on=True)
+    await runner.fire("daily", [t])
+    [run] = runs_of(runner.settings, "daily")
+    assert run.status == RunStatus.FAILED and run.note and "deliveries refused" in run.note
+    assert [r for r in caplog.records if r.exc_info and "fire-failed" in r.getMessage()]
+    assert outbox(runner.settings) == []
+
+
+async def test_a_failed_one_off_leaves_once_to_mailer_send_and_is_not_fired_again(
+        project: Project) -> None:
+    t = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    project.campaign("oneoff.yaml", at_text(t))
+    runner = runner_for(project, t)
+    lists = project.root / "lists" / "partners.yaml"
+    good = lists.read_text()
+    lists.write_text("- {email: [unclosed\n")
+    await runner.fire("oneoff", [t])
+    lists.write_text(good)
+    [run] = runs_of(runner.settings, "oneoff")
+    assert (run.status, run.occurrence) == (RunStatus.FAILED, FAILED_ONCE)
+    assert overview_of(runner.settings, "oneoff")["next_local"] is None
+    # A restart within the grace period does not send it behind the staff's back ...
+    assert await asyncio.wait_for(serve(runner.settings, str(project.config), once=True),
+                                  15) == 0
+    assert [r.occurrence for r in runs_of(runner.settings, "oneoff")] == [FAILED_ONCE]
+    assert outbox(runner.settings) == []
+    # ... and `mailer send` can: the occurrence "once" is still free.
+    from mailer.checks import check_campaign
+    from mailer.sending import plan_run
+
+    checked = check_campaign(project.root / "campaigns" / "oneoff.yaml", runner.settings)
+    plan = plan_run(checked, runner.settings, runner.store, again=False, retry_failed=False)
+    assert plan.run is not None and plan.run.occurrence == ONCE
+
+
+@both_databases
+async def test_a_fire_cut_off_while_sending_stays_resumable_and_says_why(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    """The ledger refuses to record a sent row: the run keeps its rows and is resumed."""
+    t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    project.campaign("daily.yaml", campaign_text('cron: "0 8 * * *"'))
+    runner = runner_for(project, t)
+    refuse_sent_rows(runner.store, on=True)
+    await runner.fire("daily", [t])
+    [run] = runs_of(runner.settings, "daily")
+    assert run.status == RunStatus.RUNNING and run.total > 0
+    assert run.note and run.note.startswith(FIRE_FAILED) and "ledger" in run.note
+    [failed] = overview_of(runner.settings, "daily")["failed"]
+    assert failed["status"] == "running" and failed["run"] == run.id
+    refuse_sent_rows(runner.store, on=False)
+    settings = runner.settings
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 30) == 0
+    [run] = runs_of(settings, "daily")
+    assert run.status == RunStatus.FINISHED
+    with runner.store.engine.connect() as conn:
+        assert q.status_counts(conn, run.id)["sent"] == run.total
+    assert overview_of(settings, "daily")["failed"] == []  # finished: nothing left to do
+
+
+async def test_a_resume_that_fails_is_recorded_on_its_run(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    settings = fast(project.settings())
+    project.campaign("cut.yaml", campaign_text('cron: "0 8 * * *"'))
+    from mailer.checks import check_campaign
+    from mailer.dispatch import start_run
+    from mailer.sending import audience
+
+    store = open_store(settings.database_url)
+    checked = check_campaign(project.root / "campaigns" / "cut.yaml", settings)
+    run, _ = start_run(store, campaign_id="cut", occurrence="2026-12-01T07:00:00+00:00",
+                       trigger="scheduler", recipients=audience(checked, settings, store))
+    refuse_sent_rows(store, on=True)
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 30) == 0
+    [cut] = runs_of(settings, "cut")
+    assert cut.status == RunStatus.RUNNING and cut.note and "ledger" in cut.note
+    [logged] = events(caplog, "resume-failed")
+    assert logged.levelno == logging.ERROR and f"run={run.id}" in logged.getMessage()
+    refuse_sent_rows(store, on=False)
+    assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 30) == 0
+    assert [r.status for r in runs_of(settings, "cut")] == [RunStatus.FINISHED]
+
+
+@both_databases
+async def test_a_failure_that_cannot_be_recorded_is_logged_as_lost(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    project.campaign("daily.yaml", campaign_text('cron: "0 8 * * *"'))
+    runner = runner_for(project, t)
+    refuse_inserts(runner.store, "runs", on=True)
+    await runner.fire("daily", [t])  # returns: a scheduler does not die of it
+    assert runs_of(runner.settings, "daily") == []
+    [lost] = events(caplog, "failure-unrecorded")
+    assert lost.levelno == logging.ERROR and "runs refused" in lost.getMessage()
+
+
+# --- the runner is handed over, never looked up --------------------------------------------------
+
+
+async def test_the_executor_fires_with_its_own_runner(project: Project) -> None:
+    """A job stored by a process with another config path still fires on this runner."""
+    from apscheduler.triggers.date import DateTrigger
+
+    from mailer.scheduler import fire
+
+    t = datetime.now(UTC).replace(second=0, microsecond=0)
+    project.campaign("daily.yaml", campaign_text('cron: "* * * * *"'))
+    runner = runner_for(project, t)
+    scheduler = runner.make_scheduler()
+    scheduler.start(paused=True)
+    try:
+        scheduler.add_job(fire, DateTrigger(run_date=t), id="daily", misfire_grace_time=None,
+                          args=["daily", "/elsewhere/config.yaml"])
+        scheduler.resume()
+        await until(lambda: runner.tasks, 5)
+        await asyncio.wait(set(runner.tasks), timeout=20)
+    finally:
+        scheduler.shutdown(wait=False)
+    [run] = runs_of(runner.settings, "daily")
+    assert run.status == RunStatus.FINISHED and run.total > 0
+
+
+async def test_a_job_run_without_a_runner_loads_its_config(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailer.scheduler import fire
+
+    for key, value in project.env.items():
+        monkeypatch.setenv(key, value)
+    project.campaign("daily.yaml", campaign_text('cron: "* * * * *"'))
+    t = datetime.now(UTC).replace(second=0, microsecond=0)
+    await fire("daily", str(project.config), run_times=[t])
+    [run] = runs_of(project.settings(), "daily")
+    assert run.occurrence == t.isoformat() and run.status == RunStatus.FINISHED
+
+
+# --- PostgreSQL leadership: the lock's session lost, the lock taken by another ----------------
+
+postgres_only = pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+
+
+def lock_holder(store: Store) -> int | None:
+    """The backend pid holding the scheduler's advisory lock."""
+    from sqlalchemy import text
+
+    with store.engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :a"
+            " AND objid = :b AND objsubid = 2"), {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]}).scalar()
+
+
+def terminate(store: Store, pid: int) -> None:
+    from sqlalchemy import text
+
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+
+
+@postgres_only
+async def test_a_lost_lock_session_stops_firing_and_leads_again(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailer.scheduler")
+    settings = fast(project.settings(), poll_s=0.3)
+    store = open_store(settings.database_url)
+    running = Running(settings, project)
+    try:
+        await until(lambda: events(caplog, "leader"), 10)
+        first = lock_holder(store)
+        assert first is not None
+        terminate(store, first)  # the lock's connection dies (a restart, a network cut)
+        await until(lambda: events(caplog, "leadership-lost"), 5)
+        assert events(caplog, "leader-check-failed")
+        await until(lambda: len(events(caplog, "leader")) == 2, 5)
+        assert lock_holder(store) not in (None, first)
+        when = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+        project.campaign("after.yaml", at_text(when))
+        await until(lambda: [r for r in runs_of(settings, "after")
+                             if r.status == RunStatus.FINISHED], 10)
+    finally:
+        assert await running.close() == 0
+
+
+@postgres_only
+async def test_leadership_taken_by_another_stops_firing_until_it_is_back(
+        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy import text
+
+    caplog.set_level(logging.INFO, logger="mailer.scheduler")
+    settings = fast(project.settings(), poll_s=1.0)
+    store = open_store(settings.database_url)
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=5)
+    project.campaign("due.yaml", at_text(when))
+    running = Running(settings, project)
+    other = store.engine.connect()  # the other `mailer run`
+    try:
+        await until(lambda: "due" in jobs(settings) and events(caplog, "leader"), 10)
+        pid = lock_holder(store)
+        assert pid is not None
+        terminate(store, pid)
+        deadline = time.monotonic() + 5
+        while not other.execute(text("SELECT pg_try_advisory_lock(:a, :b)"),
+                                {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]}).scalar():
+            assert time.monotonic() < deadline, "the terminated session kept the lock"
+            await asyncio.sleep(0.01)
+        other.commit()
+        await until(lambda: events(caplog, "leadership-lost"), 5)
+        await until(lambda: events(caplog, "standby"), 5)
+        assert events(caplog, "leadership-lost")[0].levelno == logging.WARNING
+        await asyncio.sleep(max(0.0, when.timestamp() + 1.5 - time.time()))
+        assert runs_of(settings, "due") == []  # due, but this runner no longer leads
+        other.execute(text("SELECT pg_advisory_unlock(:a, :b)"),
+                      {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]})
+        other.commit()
+        await until(lambda: len(events(caplog, "leader")) == 2, 5)
+        await until(lambda: [r for r in runs_of(settings, "due")
+                             if r.status == RunStatus.FINISHED], 10)
+        [run] = runs_of(settings, "due")
+        assert (run.late_s or 0) > 1  # the same runner, back in the lead, sends it late
+    finally:
+        other.close()
+        assert await running.close() == 0
+
+
+def test_an_unreachable_database_is_a_standby_not_a_crash(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy import create_engine
+
+    leader = PostgresLeader(create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none",
+                                          connect_args={"connect_timeout": 2}))
+    assert leader.try_acquire() is False and leader.held() is False
+    [logged] = events(caplog, "leader-acquire-failed")
+    assert logged.levelno == logging.WARNING and "OperationalError" in logged.getMessage()

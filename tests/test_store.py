@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from mailer.audience import Recipient
 from mailer.dispatch import start_run
-from mailer.store import open_store, subscriber_tables  # noqa: F401  (its tables)
+from mailer.store import Store, open_store, subscriber_tables  # noqa: F401  (its tables)
+from mailer.store import db as store_db
 from mailer.store import queries as q
 from mailer.store.tables import metadata
 from tests.conftest import Project, both_databases
@@ -72,3 +75,95 @@ def test_erased_addresses_stay_suppressed_by_hash(project: Project) -> None:
         q.suppress(conn, q.hashed_key("gone@example.org"), reason="erased")
         assert q.suppressed_among(conn, [("gone@example.org", "crowd"),
                                          ("here@example.org", "crowd")]) == {"gone@example.org"}
+
+
+# --- migrations: down and up again; whether a database is migrated is asked of it --------------
+
+# What each migration creates; a downgrade must take exactly that away again.
+CREATED = {
+    "0001": {"runs", "deliveries", "suppressions"},
+    "0002": {"subscribers", "memberships", "consent_events", "confirm_nonces"},
+}
+
+
+def alembic_to(store: Store, revision: str, *, down: bool) -> None:
+    from alembic import command
+
+    cfg = store_db._config()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+
+
+def tables(store: Store) -> set[str]:
+    from sqlalchemy import inspect
+
+    return set(inspect(store.engine).get_table_names()) - {"alembic_version"}
+
+
+def revisions() -> list[str]:
+    """Every migration, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(store_db._config())
+    return [s.revision for s in reversed(list(script.walk_revisions()))]
+
+
+@both_databases
+def test_every_migration_downgrades_and_upgrades_again(project: Project) -> None:
+    store = open_store(project.settings().database_url)
+    order = revisions()
+    assert order[:2] == ["0001", "0002"] and order[-1] == store_db.head_revision()
+    at_head = tables(store)
+    steps: dict[str, set[str]] = {}
+    for revision in reversed(order):  # head down to nothing, one migration at a time
+        before = tables(store)
+        alembic_to(store, "-1", down=True)
+        after = tables(store)
+        assert after < before or revision not in CREATED, f"{revision} dropped nothing"
+        steps[revision] = before - after
+    assert tables(store) == set()
+    for revision, created in CREATED.items():
+        assert steps[revision] == created, f"downgrade of {revision} dropped {steps[revision]}"
+    assert not store_db.at_head(store.engine)
+    for revision in order:  # and up again, one at a time
+        alembic_to(store, revision, down=False)
+        assert steps[revision] <= tables(store)
+    assert tables(store) == at_head and store_db.at_head(store.engine)
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={
+            "include_object": lambda o, name, type_, r, c: name != "scheduler_jobs"})
+        assert compare_metadata(context, metadata) == []
+
+
+def test_a_database_made_anew_at_the_same_url_is_migrated_again(project: Project) -> None:
+    """Nothing per process remembers a URL as migrated: the database itself is asked."""
+    url = project.settings().database_url
+    store = open_store(url)
+    assert "runs" in tables(store)
+    store.dispose()
+    path = Path(url.split("///", 1)[1])
+    for leftover in path.parent.glob(path.name + "*"):  # the file, its -wal and -shm
+        leftover.unlink()
+    again = open_store(url)
+    assert "runs" in tables(again) and store_db.at_head(again.engine)
+
+
+@both_databases
+def test_a_database_another_process_downgraded_is_brought_up_again(project: Project) -> None:
+    url = project.settings().database_url
+    store = open_store(url)
+    alembic_to(store, "0001", down=True)  # as an older version's `mailer db upgrade` left it
+    assert "subscribers" not in tables(store)
+    assert "subscribers" in tables(open_store(url))
+
+
+def test_open_store_on_a_current_database_runs_no_migration(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check is one query: a database at head is not handed to alembic's upgrade."""
+    url = project.settings().database_url
+    open_store(url)
+    calls: list[object] = []
+    monkeypatch.setattr(store_db, "migrate", lambda *a, **k: calls.append(a))
+    open_store(url)
+    assert calls == []

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from ..errors import ConfigError
 from ..files import private_file
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-_migrated: set[str] = set()
-_lock = threading.Lock()
+_lock = threading.Lock()  # one migration at a time in this process (threads share engines)
+MIGRATION_LOCK = (0x494D4147, 2)  # pg_advisory_xact_lock(int, int): "IMAG", migrations
 
 
 class Store:
@@ -68,31 +69,64 @@ def _redact(url: str) -> str:
     return url
 
 
-def migrate(engine: Engine) -> None:
-    from alembic import command
+def _config() -> Any:
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest migration this code knows (the scripts ship with the code, so one lookup)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def at_head(engine: Engine) -> bool:
+    """Is this database's schema the newest? One query on alembic's version table."""
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return set(MigrationContext.configure(conn).get_current_heads()) == {head_revision()}
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade to `revision`; on PostgreSQL, processes starting at once migrate one by one."""
+    from alembic import command
+
+    cfg = _config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"),
+                         {"a": MIGRATION_LOCK[0], "b": MIGRATION_LOCK[1]})
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 def open_store(url: str, *, upgrade: bool = True) -> Store:
-    """Open the database and bring its schema up to date (once per process and URL)."""
+    """Open the database and bring its schema up to date.
+
+    Whether it is up to date is asked of the database itself (alembic's version table), not
+    remembered per process: a database dropped and created again, or migrated by another
+    process, is judged by what it holds.
+    """
     engine = make_engine(url)
     try:
         if upgrade:
-            with _lock:
-                if url not in _migrated:
-                    migrate(engine)
-                    _migrated.add(url)
+            if not at_head(engine):
+                with _lock:
+                    if not at_head(engine):
+                        migrate(engine)
         else:
             inspect(engine).get_table_names()
     except OperationalError as exc:
         raise ConfigError(
-            f"cannot open the database {_redact(url)}: {str(exc.orig).strip()} "
+            f"cannot open the database {_redact(url)}: {' '.join(str(exc.orig).split())} "
             "(check database_url / MAILER_DATABASE_URL)"
         ) from None
     return Store(engine)

@@ -30,6 +30,7 @@ class RunStatus(enum.StrEnum):
     RUNNING = "running"
     FINISHED = "finished"
     MISSED = "missed"
+    FAILED = "failed"  # a scheduled fire that could not start its run; the note says why
 
 
 class DeliveryStatus(enum.StrEnum):
