@@ -611,7 +611,7 @@ class Runner:
         log_event(event, level=logging.ERROR, campaign=firing.campaign_id,
                   run=firing.run.id if firing.run else None, error=reason)
         if not isinstance(exc, MailerError):  # a bug: its traceback belongs in the log
-            log.error("event=%s campaign=%s traceback follows", event, firing.campaign_id,
+            log.error("event=%s-traceback campaign=%s", event, firing.campaign_id,
                       exc_info=exc)
         try:
             run = await asyncio.to_thread(self._record_failure, firing, reason)
@@ -627,11 +627,11 @@ class Runner:
         """The failed run, or the note on the run a failure cut off; None if another took it."""
         local = self.now().astimezone(self.settings.tz)
         hint = f"mailer send {firing.campaign_id}"
+        cut = (f"{FIRE_FAILED} at {local:%Y-%m-%d %H:%M %Z}: {reason}; the rows not yet sent "
+               f"are resumed by the next start of mailer run or by: {hint}")
         with self.store.engine.begin() as conn:
-            if firing.run is not None:
-                note = (f"{FIRE_FAILED} at {local:%Y-%m-%d %H:%M %Z}: {reason}; the rows not "
-                        f"yet sent are resumed by the next start of mailer run or by: {hint}")
-                note_run(conn, firing.run.id, note)
+            if firing.run is not None:  # e.g. a one-off's resume: never a second run for it
+                note_run(conn, firing.run.id, cut)
                 return q.get_run(conn, firing.run.id)
             decision = firing.decision
             scheduled = (decision.scheduled_at if decision else
@@ -653,7 +653,7 @@ class Runner:
             if created:
                 return run
             if run.status == RunStatus.RUNNING:  # another fire started it meanwhile
-                note_run(conn, run.id, f"{FIRE_FAILED} at {local:%Y-%m-%d %H:%M %Z}: {reason}")
+                note_run(conn, run.id, cut)
                 return q.get_run(conn, run.id)
             return None
 

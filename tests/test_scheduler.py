@@ -536,12 +536,12 @@ def refuse_inserts(store: Store, table: str, *, on: bool) -> None:
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql(
                 f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, '{table} refused'); END" if on
+                f"BEGIN SELECT RAISE(ABORT, '{table} refused <a@example.org>'); END" if on
                 else f"DROP TRIGGER {name}")
         elif on:
             conn.exec_driver_sql(
                 f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                f"RAISE EXCEPTION '{table} refused'; END $$")
+                f"RAISE EXCEPTION '{table} refused <a@example.org>'; END $$")
             conn.exec_driver_sql(f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
                                  f"FOR EACH ROW EXECUTE FUNCTION {name}()")
         else:
@@ -597,6 +597,9 @@ async def test_a_database_fault_in_a_fire_is_recorded_with_its_reason(
     await runner.fire("daily", [t])
     [run] = runs_of(runner.settings, "daily")
     assert run.status == RunStatus.FAILED and run.note and "deliveries refused" in run.note
+    assert "a@example.org" not in run.note and "<address>" in run.note  # no addresses
+    [logged] = events(caplog, "fire-failed")
+    assert "deliveries refused <address>" in logged.getMessage()
     assert [r for r in caplog.records if r.exc_info and "fire-failed" in r.getMessage()]
     assert outbox(runner.settings) == []
 
@@ -652,22 +655,26 @@ async def test_a_fire_cut_off_while_sending_stays_resumable_and_says_why(
     assert overview_of(settings, "daily")["failed"] == []  # finished: nothing left to do
 
 
+@pytest.mark.parametrize("schedule", ['cron: "0 8 * * *"', 'at: "2026-12-03 09:00"'])
 async def test_a_resume_that_fails_is_recorded_on_its_run(
-        project: Project, caplog: pytest.LogCaptureFixture) -> None:
+        project: Project, caplog: pytest.LogCaptureFixture, schedule: str) -> None:
     settings = fast(project.settings())
-    project.campaign("cut.yaml", campaign_text('cron: "0 8 * * *"'))
+    project.campaign("cut.yaml", campaign_text(schedule))
     from mailer.checks import check_campaign
     from mailer.dispatch import start_run
     from mailer.sending import audience
 
     store = open_store(settings.database_url)
     checked = check_campaign(project.root / "campaigns" / "cut.yaml", settings)
-    run, _ = start_run(store, campaign_id="cut", occurrence="2026-12-01T07:00:00+00:00",
+    occurrence = ONCE if schedule.startswith("at") else "2026-12-01T07:00:00+00:00"
+    run, _ = start_run(store, campaign_id="cut", occurrence=occurrence,
                        trigger="scheduler", recipients=audience(checked, settings, store))
     refuse_sent_rows(store, on=True)
     assert await asyncio.wait_for(serve(settings, str(project.config), once=True), 30) == 0
-    [cut] = runs_of(settings, "cut")
-    assert cut.status == RunStatus.RUNNING and cut.note and "ledger" in cut.note
+    [cut] = runs_of(settings, "cut")  # the same run, no failed one beside it
+    assert (cut.id, cut.status) == (run.id, RunStatus.RUNNING)
+    assert cut.note and cut.note.startswith(FIRE_FAILED) and "ledger" in cut.note
+    assert "next start of mailer run or by: mailer send cut" in cut.note
     [logged] = events(caplog, "resume-failed")
     assert logged.levelno == logging.ERROR and f"run={run.id}" in logged.getMessage()
     refuse_sent_rows(store, on=False)
