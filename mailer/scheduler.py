@@ -386,8 +386,7 @@ async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[dateti
     if runner is None:
         settings = load_settings(config_path)
         runner = Runner(settings=settings, store=open_store(settings.database_url),
-                        config_path=config_path)
-        runner.load_changes()
+                        config_path=config_path)  # its fire loads the campaign files
     await runner.fire(campaign_id, run_times or [runner.now()])
 
 
