@@ -2,13 +2,14 @@
 
 * `CronTrigger.from_crontab` numbers weekdays from Monday (0 = Monday; apscheduler#286, kept in
   3.x). In crontab 0 and 7 are Sunday: `crontab_weekdays` translates numbers into names.
-* A cron with fixed hours (any hour field but `*`) names wall-clock times, and each matching
+* A cron with fixed hours (any hour field but `*` or `*/1`) names wall-clock times; each matching
   wall-clock time fires exactly once, at the instant `zoneinfo` gives it with `fold=0`:
   - in the fall-back night, at the first pass of the repeated hour (APScheduler alone fires
     both passes);
-  - in the spring-forward gap, one hour later on the clock (the time read with the offset
-    before the jump): `*/5 2 * * *` fires at 03:00, 03:05, … 03:55 CEST (APScheduler alone
-    fires only 03:00). A gap time that falls on a time the cron names anyway fires once.
+  - in the spring-forward gap, as much later on the clock as the clock jumps (read with the
+    offset before the jump; an hour in Berlin): `*/5 2 * * *` fires at 03:00, 03:05, … 03:55
+    CEST (APScheduler alone fires only 03:00). A gap time that lands on a time the cron names
+    anyway fires once.
 * A cron whose hour field is `*` runs by elapsed time: it fires in both passes of the repeated
   hour (an hourly job stays hourly), as Vixie cron does, and the gap simply does not happen.
 * Crontab fires when the day of month *or* the weekday matches if both are restricted;
