@@ -81,7 +81,7 @@ class Csrf:
             return False
         try:
             value = self._signer.unsign(field, max_age=self.MAX_AGE_S).decode()
-        except (BadSignature, UnicodeDecodeError):
+        except (BadSignature, UnicodeError):  # a lone surrogate cannot even be encoded
             return False
         return hmac.compare_digest(value, cookie)
 
