@@ -256,10 +256,11 @@ async def test_two_dispatchers_on_one_run_share_it_without_duplicates(project, f
     plan = plan_run(checked, settings, store, again=False, retry_failed=False)
     assert plan.run is not None
     slow_settings = project.settings(**env_for(slow_server))
+    other_store = open_store(settings.database_url)  # e.g. a scheduler fire beside a resume
     async with SmtpPool(settings.smtp) as fast, SmtpPool(slow_settings.smtp) as slow:
         results = await asyncio.gather(
             deliver_run(settings, store, checked.rendition, plan.run, transport=fast),
-            deliver_run(slow_settings, store, checked.rendition, plan.run, transport=slow))
+            deliver_run(slow_settings, other_store, checked.rendition, plan.run, transport=slow))
     received = Counter(m.rcpt_tos[0] for m in fast_server.messages + slow_server.messages)
     assert set(received) == set(addresses) and max(received.values()) == 1
     assert all(r.recovered == 0 for r in results)

@@ -206,8 +206,8 @@ async def test_within_grace_is_sent_late_with_late_s(project: Project) -> None:
 async def test_two_fires_of_one_occurrence_make_one_run(project: Project) -> None:
     t = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
     project.campaign("daily.yaml", campaign_text('cron: "0 8 * * *"'))
-    one = runner_for(project, t)  # one process, one store (its registry of live dispatchers)
-    two = runner_for(project, t, store=one.store)
+    one = runner_for(project, t)
+    two = runner_for(project, t)  # its own Store on the same database, in the same process
     await asyncio.gather(one.fire("daily", [t]), two.fire("daily", [t]))
     [run] = runs_of(one.settings, "daily")
     assert run.status == RunStatus.FINISHED

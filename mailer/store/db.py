@@ -18,14 +18,19 @@ _lock = threading.Lock()  # one migration at a time in this process (threads sha
 MIGRATION_LOCK = (0x494D4147, 2)  # pg_advisory_xact_lock(int, int): "IMAG", migrations
 
 
+# Worker ids of the dispatchers running in this process: their ledger claims are never taken
+# over by another dispatcher of the process (dispatch.py). Process-wide on purpose, not per
+# Store: a second Store on the same database in this process (two fires, a fire beside a
+# resume) must see them alive too, or it would send their rows again. Ids are unique.
+RUNNING_DISPATCHERS: set[str] = set()
+
+
 class Store:
     """The database behind ledger, suppressions and subscribers."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # Worker ids of the dispatchers of this process running on this store: their ledger
-        # claims are never taken over by another dispatcher of the process (dispatch.py).
-        self.workers: set[str] = set()
+        self.workers = RUNNING_DISPATCHERS
 
     @property
     def is_postgres(self) -> bool:
