@@ -5,7 +5,6 @@ breaking it fails with exit 1 and a FAIL line naming what to fix."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import sqlite3
@@ -18,6 +17,7 @@ import pytest
 
 from tests.conftest import Project, both_databases
 from tests.dnsd import DnsServer
+from tests.helpers import mailer
 from tests.smtpd import Faults, FaultServer, fault_server, make_tls_contexts  # noqa: F401
 
 DOMAIN = "imag-dortmund.de"
@@ -35,15 +35,6 @@ def mailer_sync(project: Project, *args: str, **env: str) -> tuple[int, str, str
     return done.returncode, done.stdout, done.stderr
 
 
-async def mailer(project: Project, *args: str, **env: str) -> tuple[int, str, str]:
-    """Without blocking the loop: the relay runs in this process's event loop."""
-    full = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config), **env}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailer", *args, env=full, cwd=project.root,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def keygen(project: Project, out: Path, selector: str = "imag1") -> str:

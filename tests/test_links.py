@@ -7,14 +7,12 @@ SQLite file under var/ is never even created, and the relay never sees a connect
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
-
 import pytest
 
 from mailer.links import link_problem
 from tests.conftest import Project
+from tests.helpers import mailer as run_async
+from tests.helpers import smtp_env
 from tests.smtpd import FaultServer, fault_server  # noqa: F401  (fixture)
 
 PUBLIC = "https://newsletter.imag-dortmund.de"
@@ -22,16 +20,12 @@ PUBLIC = "https://newsletter.imag-dortmund.de"
 
 async def mailer(project: Project, server: FaultServer | None, *args: str,
                  **env: str) -> tuple[int, str, str]:
-    full = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config),
-            "MAILER_ALLOW_LOCAL_LINKS": "", "MAILER_SMTP_RATE_PER_SECOND": "5000", **env}
-    if server is not None:
-        full |= {"MAILER_SMTP_HOST": server.host, "MAILER_SMTP_PORT": str(server.port)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailer", *args, env=full, cwd=project.root,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    """`mailer ARGS` with local links refused again (the fixture allows them), optionally
+    through the fault server `server` as the relay."""
+    relay = smtp_env(server) if server is not None else {}
+    return await run_async(project, *args, **{"MAILER_ALLOW_LOCAL_LINKS": "",
+                                              "MAILER_SMTP_RATE_PER_SECOND": "5000",
+                                              **relay, **env})
 
 
 @pytest.mark.parametrize("url", [

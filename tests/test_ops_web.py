@@ -30,6 +30,7 @@ from mailer.tokens import Tokens
 from mailer.transport import SmtpPool
 from mailer.web import create_app
 from tests.conftest import Project, both_databases
+from tests.helpers import mailer
 from tests.smtpd import Faults, FaultServer, fault_server  # noqa: F401  (fixture)
 
 TOKEN = "metrics-" + "k9Q2xW7pLm4Rt8Zs6Vb3Nc1Hd5Fg0Jy"
@@ -38,14 +39,6 @@ CONFIRM_RE = re.compile(r"http://127\.0\.0\.1:8000(/confirm/\S+)")
 GONE = "gone@example.org"
 
 
-async def mailer(project: Project, *args: str, **env: str) -> tuple[int, str, str]:
-    full = {**os.environ, **project.env, "MAILER_CONFIG": str(project.config), **env}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailer", *args, env=full, cwd=project.root,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 class App:
