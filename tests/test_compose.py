@@ -165,3 +165,114 @@ def _check_encoded(text: str) -> None:
                           .rsplit(b" <", 1)[0], "To")
     assert b"".join(_q_decode(ENCODED_WORD.fullmatch(w).group(1))  # type: ignore[union-attr]
                     for w in name).decode("utf-8") == display
+
+
+GOLDEN_CAMPAIGN = """\
+template: newsletter
+audience: {lists: [partners]}
+content:
+  de:
+    subject: "Grüße an {{ recipient.name }}"
+    preheader: "Neues aus dem Trägerkreis"
+    blocks:
+      - heading: "Hallo {{ recipient.name }}"
+      - text: "Das **FORUM INTEGRATION** lädt ein."
+attachments: [files/flyer.pdf]
+"""
+GOLDEN_HEAD = """\
+To: =?utf-8?q?Zo=C3=AB_Y=C4=B1lmaz?= <zoe@example.org>
+Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe_an_Zo=C3=AB_Y=C4=B1lmaz?=
+Date: Mon, 07 Dec 2026 12:00:00 +0100
+Message-ID: <gold@imag.example.org>
+List-Unsubscribe: <http://127.0.0.1:8000/unsubscribe/{token}>,
+ <mailto:unsubscribe@imag.example.org?subject=unsubscribe%20{token}>
+Content-Language: de
+From: =?utf-8?q?IMAG_=E2=80=93_Integration_mit_aufrechtem_Gang?= <newsletter@imag.example.org>
+Reply-To: <rgv@imag.example.org>
+List-Id: IMAG Newsletter <newsletter.imag.example.org>
+List-Unsubscribe-Post: List-Unsubscribe=One-Click
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="=_mix_{b}"
+
+--=_mix_{b}
+Content-Type: multipart/alternative; boundary="=_alt_{b}"
+
+--=_alt_{b}
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: quoted-printable
+
+Neues aus dem Tr=C3=A4gerkreis
+
+Hallo Zo=C3=AB Y=C4=B1lmaz
+=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D
+
+Das FORUM INTEGRATION l=C3=A4dt ein.
+"""
+GOLDEN_TAIL = """\
+--=_mix_{b}
+Content-Type: application/pdf;
+ name="flyer.pdf"
+Content-Disposition: attachment;
+ filename="flyer.pdf"
+Content-Transfer-Encoding: base64
+
+JVBERi0xLjQgZmx5ZXI=
+--=_mix_{b}--
+"""
+
+
+def test_a_composed_message_byte_for_byte(project: Project) -> None:
+    """Every header, in order, with its exact encoding; the parts and their boundaries."""
+    import re
+
+    files = project.root / "campaigns" / "files"
+    files.mkdir()
+    (files / "flyer.pdf").write_bytes(b"%PDF-1.4 flyer")
+    project.campaign("gold.yaml", GOLDEN_CAMPAIGN)
+    settings = project.settings()
+    checked = check_campaign(settings.campaigns_dir / "gold.yaml", settings, with_audience=False)
+    tokens = Tokens(settings.secret())
+    composer = Composer(checked.rendition, settings, tokens=tokens, clock=lambda: 1796641200.0)
+    zoe = Recipient("zoe@example.org", "Zoë Yılmaz", "de", list="partners")
+    composed = composer.compose(zoe, message_id="<gold@imag.example.org>")
+    text = composed.data.decode("ascii")
+    assert "\n" not in text.replace("\r\n", "")  # CRLF only
+    text = text.replace("\r\n", "\n")
+    boundary = re.search(r'boundary="=_mix_([0-9a-f]{16})"', text)
+    assert boundary is not None
+    b = boundary.group(1)
+    assert f'boundary="=_alt_{b}"' in text  # one token per composer, both boundaries
+    token = tokens.manage("zoe@example.org", "partners", "gold")
+    assert text.startswith(GOLDEN_HEAD.format(token=token, b=b))
+    assert text.endswith(GOLDEN_TAIL.format(b=b))
+    assert text.count(f"--=_alt_{b}\n") == 2 and text.count(f"--=_alt_{b}--\n") == 1
+    html_head = (f"--=_alt_{b}\nContent-Type: text/html; charset=utf-8\n"
+                 "Content-Transfer-Encoding: quoted-printable\n\n<!doctype html>")
+    assert html_head in text
+    assert f"Abmelden: http://127.0.0.1:8000/unsubscribe/{token[:20]}" in text
+    assert composed.subject == "Grüße an Zoë Yılmaz" and composed.lang == "de"
+    # A second recipient: same boundaries (encoded once), another token and name.
+    other = composer.compose(Recipient("a@example.org", "Anna", "de", list="partners"),
+                             message_id="<other@imag.example.org>").data.decode("ascii")
+    assert f"=_mix_{b}" in other and token not in other and "To: Anna <a@example.org>" in other
+
+
+def test_arabic_parts_go_base64_and_test_sends_say_so(project: Project) -> None:
+    project.campaign("ar.yaml", "template: newsletter\naudience: {lists: [partners]}\n"
+                     "content:\n  ar:\n    subject: \"مرحبا {{ recipient.name }}\"\n"
+                     "    blocks: [{heading: \"أهلا وسهلا بكم في نشرة الأخبار\"}, "
+                     "{text: \"" + "يدعوكم منتدى الاندماج إلى لقاء في دورتموند. " * 150
+                     + "\"}]\n")  # enough Arabic that base64 is the smaller encoding
+    settings = project.settings()
+    checked = check_campaign(settings.campaigns_dir / "ar.yaml", settings, with_audience=False)
+    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()), test=True)
+    data = composer.compose(Recipient("r@example.org", "Rania", "ar", list="partners"),
+                            message_id="<ar@imag.example.org>").data
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert body.count(b"Content-Transfer-Encoding: base64") == 2
+    assert b"quoted-printable" not in body
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert msg["Subject"] == "[TEST] مرحبا Rania"
+    plain = msg.get_body(("plain",))
+    assert plain is not None and "أهلا وسهلا بكم" in plain.get_content()
+    assert all(len(line) <= 78 for line in body.split(b"\r\n"))
