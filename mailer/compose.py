@@ -21,7 +21,6 @@ from pathlib import Path
 
 from .audience import Recipient
 from .config import Settings
-from .errors import ConfigError
 from .render import Links, Personalised, Rendition, personalise
 from .tokens import Tokens
 
@@ -257,15 +256,9 @@ def _load_dkim(settings: Settings) -> Callable[[bytes], bytes] | None:
         return None
     import dkim
 
-    path = Path(cfg.key_file)
-    try:
-        mode = path.stat().st_mode
-        key = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the DKIM key ({exc.strerror})", path=path) from None
-    if mode & 0o077:
-        raise ConfigError(f"the DKIM private key can be read by other users: run 'chmod 600 "
-                          f"{path}'", path=path)
+    from .dkimkeys import read_key_file
+
+    key = read_key_file(Path(cfg.key_file))
 
     def sign(data: bytes) -> bytes:
         signature: bytes = dkim.sign(

@@ -110,8 +110,8 @@ def generate(out: Path, *, selector: str, domain: str, force: bool = False,
     return DkimRecord(selector, domain, public_key_b64(key.public_key()))
 
 
-def load_private_key(path: Path) -> rsa.RSAPrivateKey:
-    """The RSA key in `path`, refused (one sentence) when others can read it or it is not one."""
+def read_key_file(path: Path) -> bytes:
+    """The bytes of a private key file, refused (one sentence) when others can read it."""
     try:
         mode = path.stat().st_mode
         data = path.read_bytes()
@@ -120,6 +120,12 @@ def load_private_key(path: Path) -> rsa.RSAPrivateKey:
     if mode & 0o077:
         raise ConfigError(f"the DKIM private key can be read by other users: run 'chmod 600 "
                           f"{path}'", path=path)
+    return data
+
+
+def load_private_key(path: Path) -> rsa.RSAPrivateKey:
+    """The RSA key in `path`, refused (one sentence) when others can read it or it is not one."""
+    data = read_key_file(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
