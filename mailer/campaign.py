@@ -87,6 +87,11 @@ class Event(Strict):
     address: str | None = None
     description: str | None = None
     calendar: bool = True
+    # The same event in every language and every campaign announcing it: one calendar entry.
+    id: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,79}$")
+    url: str | None = None
+
+    _event_url = field_validator("url")(lambda v: v if v is None else _url(v))
 
     @field_validator("start", "end")
     @classmethod

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from .audience import Recipient
 from .config import Settings
-from .render import Links, Personalised, Rendition, personalise
+from .render import (
+    Attachment,
+    LangRendition,
+    Links,
+    Personalised,
+    Rendition,
+    mostly_ascii,
+    personalise,
+)
 from .tokens import Tokens
 
 CRLF = b"\r\n"
@@ -150,9 +158,11 @@ class Composer:
         self._tz = settings.tz
         token = secrets.token_hex(8)
         self._alt = f"=_alt_{token}"
-        self._mixed = f"=_mix_{token}" if rendition.attachments else ""
+        self._mixed = f"=_mix_{token}"
         self._static = self._static_headers()
-        self._tail = self._attachment_tail()
+        # Files go to everyone; each language has its own calendar entries.
+        self._tails = {lang: self._attachment_tail((*rendition.attachments, *lr.calendar))
+                       for lang, lr in rendition.languages.items()}
         self._dkim = _load_dkim(settings)
 
     def _static_headers(self) -> bytes:
@@ -168,15 +178,15 @@ class Composer:
         ]
         return CRLF.join(lines) + CRLF
 
-    def _attachment_tail(self) -> bytes:
+    def _attachment_tail(self, attachments: tuple[Attachment, ...]) -> bytes:
         parts = []
-        for att in self.rendition.attachments:
+        for att in attachments:
             name = _clean(att.filename)
             parts.append(
                 f"--{self._mixed}\r\n"
                 f"Content-Type: {att.content_type};\r\n {_file_param('name', name)}\r\n"
                 f"Content-Disposition: attachment;\r\n {_file_param('filename', name)}\r\n"
-                "Content-Transfer-Encoding: base64\r\n\r\n".encode() + b64(att.data)
+                .encode() + _encoded_attachment(att)
             )
         if not parts:
             return b""
@@ -196,14 +206,16 @@ class Composer:
         lr = self.rendition.for_language(recipient.language)
         links = self.links(recipient, lr.lang)
         body = personalise(lr, recipient, links)
-        data = (self._headers(recipient, body, links, message_id)
-                + self._body(body, lr.html_mostly_ascii))
+        tail = self._tails[lr.lang]
+        data = (self._headers(recipient, body, links, message_id, mixed=bool(tail))
+                + self._body(body, lr, tail))
         if self._dkim is not None:
             data = self._dkim(data) + data
         return Composed(data=data, subject=body.subject, lang=lr.lang)
 
     def _headers(
-        self, recipient: Recipient, body: Personalised, links: Links, message_id: str
+        self, recipient: Recipient, body: Personalised, links: Links, message_id: str, *,
+        mixed: bool,
     ) -> bytes:
         subject = f"[TEST] {body.subject}" if self.test else body.subject
         token = links.unsubscribe.rsplit("/", 1)[1]
@@ -217,7 +229,7 @@ class Composer:
             f"List-Unsubscribe: <{links.unsubscribe}>,\r\n <{mailto}>".encode(),
             f"Content-Language: {body.lang}".encode(),
         ]
-        if self._mixed:
+        if mixed:
             ctype = f'Content-Type: multipart/mixed; boundary="{self._mixed}"'
         else:
             ctype = f'Content-Type: multipart/alternative; boundary="{self._alt}"'
@@ -230,19 +242,27 @@ class Composer:
             return b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + qp(text)
         return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(text.encode("utf-8"))
 
-    def _body(self, body: Personalised, mostly_ascii: bool = True) -> bytes:
+    def _body(self, body: Personalised, lr: LangRendition, tail: bytes) -> bytes:
         alt = (
             f"--{self._alt}\r\nContent-Type: text/plain; charset=utf-8\r\n".encode()
-            + self._encoded(body.text, mostly_ascii)
+            + self._encoded(body.text, lr.text_mostly_ascii)
             + f"\r\n--{self._alt}\r\nContent-Type: text/html; charset=utf-8\r\n".encode()
-            + self._encoded(body.html, mostly_ascii)
+            + self._encoded(body.html, lr.html_mostly_ascii)
             + f"\r\n--{self._alt}--\r\n".encode()
         )
-        if not self._mixed:
+        if not tail:
             return alt
         head = (f"--{self._mixed}\r\n"
                 f'Content-Type: multipart/alternative; boundary="{self._alt}"\r\n\r\n').encode()
-        return head + alt + self._tail
+        return head + alt + tail
+
+
+def _encoded_attachment(att: Attachment) -> bytes:
+    """A text attachment (calendar entries) like a text part, by size; files in base64."""
+    if att.content_type.startswith("text/"):
+        text = att.data.decode("utf-8")
+        return Composer._encoded(text, mostly_ascii(text))
+    return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(att.data)
 
 
 def message_id(*, domain: str) -> str:

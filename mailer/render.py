@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import textwrap
+import unicodedata
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -63,7 +64,11 @@ class LangRendition:
     html: jinja2.Template
     text: jinja2.Template
     static_subject: str | None  # the subject when it has no merge fields
-    html_mostly_ascii: bool = True  # decides quoted-printable vs base64 for the HTML part
+    # Each part's transfer encoding, decided once per language: Arabic HTML is mostly ASCII
+    # markup (quoted-printable), its text part is not (base64).
+    html_mostly_ascii: bool = True
+    text_mostly_ascii: bool = True
+    calendar: tuple[Attachment, ...] = ()  # this language's .ics entries
 
 
 @dataclass(frozen=True)
@@ -337,6 +342,8 @@ def _render_language(campaign: Campaign, settings: Settings, lang: str) -> LangR
         text=snippets.template(text, autoescape=False),
         static_subject=None if "{" in subject_src else subject_src,
         html_mostly_ascii=mostly_ascii(html),
+        text_mostly_ascii=mostly_ascii(text),
+        calendar=tuple(_calendar(campaign, settings, lang)),
     )
 
 
@@ -471,18 +478,38 @@ def _event_context(
         "place": snippets.protect(event.place, (*loc, "event", "place")),
         "address": event.address,
         "map_url": "https://www.openstreetmap.org/search?query=" + urllib.parse.quote(where),
-        "ics_name": ics_name(event, index) if event.calendar else None,
+        "ics_name": ics_name(event, _ordinal(campaign, lang, index), lang, settings)
+        if event.calendar else None,
         "description": description,
         "description_source": source,
     }
 
 
-def ics_name(event: Event, index: int) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", event.title.lower().translate(_UMLAUTS)).strip("-")
-    return f"{slug[:50] or 'termin'}-{index + 1}.ics"
+def _ordinal(campaign: Campaign, lang: str, index: int) -> int:
+    """The block at `index` is the n-th event of its language (the same event everywhere)."""
+    return 1 + sum(b.kind == "event" for b in campaign.content[lang].blocks[:index])
 
 
-_UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss"})
+def ics_name(event: Event, ordinal: int, lang: str, settings: Settings) -> str:
+    """A safe ASCII file name from the event's title in that language: Turkish, Polish and
+    Cyrillic letters transliterated; a script without Latin letters takes the language's word."""
+    title = event.title.lower().translate(_TRANSLIT)
+    title = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", title).strip("-")
+    if len(slug) > 50:  # whole words only
+        slug = slug[:51].rsplit("-", 1)[0]
+    if not re.search(r"[a-z]", slug):
+        slug = ui_strings(settings, lang).get("calendar_file", "termin")
+    return f"{slug}-{ordinal}.ics"
+
+
+_TRANSLIT = str.maketrans({
+    "ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", "ı": "i", "ł": "l", "ø": "o", "æ": "ae",
+    "đ": "d", "а": "a", "б": "b", "в": "v", "г": "g", "ґ": "g", "д": "d", "е": "e", "є": "ye",
+    "ё": "yo", "ж": "zh", "з": "z", "и": "i", "і": "i", "ї": "yi", "й": "y", "к": "k",
+    "л": "l", "м": "m", "н": "n", "о": "o", "п": "p", "р": "r", "с": "s", "т": "t", "у": "u",
+    "ф": "f", "х": "kh", "ц": "ts", "ч": "ch", "ш": "sh", "щ": "shch", "ъ": "", "ы": "y",
+    "ь": "", "э": "e", "ю": "yu", "я": "ya"})
 
 
 # --- the text part --------------------------------------------------------------------------
@@ -621,41 +648,70 @@ def _attachments(campaign: Campaign, settings: Settings) -> Iterator[Attachment]
     for name, data in read_attachments(campaign):
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         yield Attachment(filename=name, content_type=ctype, data=data)
-    seen: set[int] = set()
-    for lang in campaign.languages[:1]:
-        for i, block in enumerate(campaign.content[lang].blocks):
-            if block.kind == "event" and block.value.calendar and i not in seen:
-                seen.add(i)
-                loc = ("content", lang, "blocks", i)
-                start, end = _event_times(campaign, settings, block.value, loc)
-                data = ics(campaign, settings, block.value, index=i, start=start, end=end)
-                yield Attachment(filename=ics_name(block.value, i),
-                                 content_type="text/calendar; method=PUBLISH", data=data)
+
+
+def _calendar(campaign: Campaign, settings: Settings, lang: str) -> Iterator[Attachment]:
+    """One .ics per event of this language, in this language (SUMMARY, LOCATION, DESCRIPTION)."""
+    for i, block in enumerate(campaign.content[lang].blocks):
+        if block.kind != "event" or not block.value.calendar:
+            continue
+        ordinal = _ordinal(campaign, lang, i)
+        start, end = _event_times(campaign, settings, block.value, ("content", lang, "blocks", i))
+        data = ics(campaign, settings, block.value, ordinal=ordinal, lang=lang, start=start,
+                   end=end)
+        yield Attachment(filename=ics_name(block.value, ordinal, lang, settings),
+                         content_type="text/calendar; charset=utf-8; method=PUBLISH", data=data)
 
 
 def ics(
-    campaign: Campaign, settings: Settings, event: Event, *, index: int, start: datetime,
-    end: datetime | None,
+    campaign: Campaign, settings: Settings, event: Event, *, ordinal: int, lang: str,
+    start: datetime, end: datetime | None,
 ) -> bytes:
-    """An RFC 5545 VEVENT; times in UTC so no VTIMEZONE is needed."""
+    """An RFC 5545 VEVENT; times in UTC so no VTIMEZONE is needed. The UID is the same in every
+    language (and, for an event with an `id`, in every campaign); SEQUENCE grows with each
+    edit of the campaign file, so a calendar updates the entry instead of adding a second."""
     def utc(dt: datetime) -> str:
         return dt.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
     location = ", ".join(x for x in (event.place, event.address) if x)
+    uid = f"event-{event.id}" if event.id else f"{campaign.id}-event-{ordinal}"
+    link = event.url or f"{settings.base_url}/archive/{campaign.id}?lang={lang}"
+    about = markdown_to_text(SNIPPET_RE.sub("", event.description)).strip() \
+        if event.description else ""
+    description = f"{about}\n\n{link}" if about else link
+    organiser = settings.sender.name.replace('"', "'")
     lines = [
         "BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//IMAG Dortmund//imag-mailer//DE",
         "CALSCALE:GREGORIAN", "METHOD:PUBLISH", "BEGIN:VEVENT",
-        f"UID:{campaign.id}-{index}@{settings.msgid_domain}",
+        f"UID:{uid}@{settings.msgid_domain}",
+        f"SEQUENCE:{_sequence(campaign)}",
         f"DTSTAMP:{utc(datetime.now(UTC))}",
         f"DTSTART:{utc(start)}",
     ]
     if end is not None:
         lines.append(f"DTEND:{utc(end)}")
-    lines += [f"SUMMARY:{_ics_escape(event.title)}", f"LOCATION:{_ics_escape(location)}"]
-    if event.description:
-        lines.append(f"DESCRIPTION:{_ics_escape(event.description)}")
-    lines += ["END:VEVENT", "END:VCALENDAR"]
+    lines += [f"SUMMARY;LANGUAGE={lang}:{_ics_escape(event.title)}",
+              f"LOCATION;LANGUAGE={lang}:{_ics_escape(location)}",
+              f"DESCRIPTION;LANGUAGE={lang}:{_ics_escape(description)}",
+              f"URL:{link}",
+              f'ORGANIZER;CN="{organiser}":mailto:{settings.sender.address}',
+              "END:VEVENT", "END:VCALENDAR"]
     return ("\r\n".join(_ics_fold(line) for line in lines) + "\r\n").encode("utf-8")
+
+
+_EPOCH = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+
+
+def _sequence(campaign: Campaign) -> int:
+    """Minutes from 2026 to the campaign file's last edit: a later edit (or a later campaign
+    announcing the same event) is a higher SEQUENCE, as RFC 5545 §3.8.7.4 asks of an update."""
+    if campaign.source is None:
+        return 0
+    try:
+        mtime = campaign.source.stat().st_mtime
+    except OSError:
+        return 0
+    return max(0, int((mtime - _EPOCH) // 60))
 
 
 def _ics_escape(value: str) -> str:
