@@ -474,7 +474,7 @@ def _event_context(
         "title": snippets.protect(event.title, (*loc, "event", "title")),
         "date": date,
         "time": time,
-        "when": f"{date}, {time}",
+        "when": f"{date}{ui_strings(settings, lang).get('comma', ', ')}{time}",
         "place": snippets.protect(event.place, (*loc, "event", "place")),
         "address": event.address,
         "map_url": "https://www.openstreetmap.org/search?query=" + urllib.parse.quote(where),
@@ -543,26 +543,35 @@ def _text_block(block: dict[str, Any], t: dict[str, str]) -> Iterator[str]:
     elif kind == "text":
         yield markdown_to_text(block["source"]).rstrip()
     elif kind == "image":
-        label = f"[{block['alt']}]"
-        yield f"{label}: {block['href']}" if block["href"] else label
+        yield _labelled(f"[{block['alt']}]", block["href"])
     elif kind == "button":
-        yield f"{block['label']}: {block['url']}"
+        yield _labelled(block["label"], block["url"])
     elif kind == "quote":
-        yield _wrap(f"„{block['text']}“", indent="  ")
+        quoted = t.get("quote_open", "„") + block["text"] + t.get("quote_close", "“")
+        yield _wrap(quoted, indent="  ")
         if block["author"]:
             yield f"  — {block['author']}"
     elif kind == "event":
         yield block["title"]
         yield f"{t.get('when', 'Wann')}: {block['when']}"
-        yield f"{t.get('where', 'Wo')}: " + ", ".join(
+        yield f"{t.get('where', 'Wo')}: " + t.get("comma", ", ").join(
             x for x in (block["place"], block["address"]) if x)
-        yield f"{t.get('map', 'Karte')}: {block['map_url']}"
+        yield _labelled(t.get("map", "Karte"), block["map_url"])
         if block["ics_name"] and t.get("calendar_attached"):
             yield _wrap(t["calendar_attached"])
         if block["description_source"]:
             yield markdown_to_text(block["description_source"]).rstrip()
     elif kind == "divider":
         yield "* * *"
+
+
+def _labelled(label: str, url: str | None) -> str:
+    """'Label: URL' on one line when it fits, else the wrapped label and the URL below it."""
+    if not url:
+        return _wrap(label)
+    if len(label) + 2 + len(url) <= TEXT_WIDTH:
+        return f"{label}: {url}"
+    return f"{_wrap(label)}\n{url}"
 
 
 def _wrap(text: str, indent: str = "") -> str:
@@ -633,10 +642,20 @@ def _inline_text(children: list[Any]) -> str:
             href, start = href_stack.pop()
             label = "".join(out[start:])
             if href and href != label and href.removeprefix("mailto:") != label:
-                out.append(f": {href}")
+                out.append(f": {href}{_URL_END}")
         elif child.type == "image":
             out.append(f"[{child.content}]")
-    return "".join(out)
+    return _delimit_urls("".join(out))
+
+
+_URL_END = "\x00"
+
+
+def _delimit_urls(text: str) -> str:
+    """A URL directly followed by punctuation goes in angle brackets (RFC 3986 Appendix C):
+    mail programs would take a trailing '.' or ')' into the link."""
+    text = re.sub(r"(\S+)\x00(?=[^\s\x00])", r"<\1>", text)
+    return text.replace(_URL_END, "")
 
 
 # --- attachments ----------------------------------------------------------------------------

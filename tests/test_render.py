@@ -143,7 +143,7 @@ def test_language_choice_and_merge_fields(people: Project) -> None:
     assert msg["Subject"] == "Hallo Bożena" and msg["Content-Language"] == "de"
     text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "Ihr Stadtteil: Hörde" in text
-    assert "Programm: https://imag.example.org/p" in text  # links as "label: url"
+    assert "Programm: <https://imag.example.org/p>." in text  # "label: url", delimited before "."
     assert "Anmelden: https://imag.example.org/a" in text
 
 
@@ -179,7 +179,7 @@ content:
     msg = parse(composer.compose(checked.recipients[0], message_id="<1@x>").data)
     text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
-    assert "Mit Musik und dem Programm: https://imag.example.org/fest." in text
+    assert "Mit Musik und dem Programm: <https://imag.example.org/fest>." in text
     assert "<strong>Musik</strong>" in html and "Samstag, 12. Juni 2027" in text
 
 
