@@ -290,3 +290,23 @@ def test_the_oracle_reads_crontab() -> None:
     assert not matches("0 9 * * 1", datetime(2026, 12, 6, 9, 0))
     assert passes(datetime(2026, 3, 29, 2, 30)) == []
     assert len(passes(datetime(2026, 10, 25, 2, 30))) == 2
+
+
+@pytest.mark.parametrize("expr", ["*/5 2 * * *", "0 * * * *", "30 9 * * 1-5"])
+def test_the_pickle_keeps_the_expression_and_the_reading(expr: str) -> None:
+    original = cron_trigger(expr, BERLIN)
+    trigger = pickle.loads(pickle.dumps(original))
+    assert (trigger.expr, trigger.fixed_hours) == (expr, original.fixed_hours)
+    assert trigger.fixed_hours is (expr.split()[1] != "*")
+    for day in DAYS.values():
+        assert clock(sequence(trigger, day)) == clock(promised(expr, day))
+
+
+def test_a_stored_trigger_from_before_the_expression_was_kept() -> None:
+    """A job row pickled without our two fields reads as a fixed-hour cron, with no expression."""
+    state = cron_trigger("*/5 2 * * *", BERLIN).__getstate__()
+    del state["expr"], state["fixed_hours"]
+    trigger = cron_trigger("0 * * * *", BERLIN)
+    trigger.__setstate__(state)
+    assert (trigger.expr, trigger.fixed_hours) == ("", True)
+    assert clock(sequence(trigger, FALL)) == clock(promised("*/5 2 * * *", FALL))
