@@ -92,15 +92,36 @@ def schema(ctx: Ctx) -> None:
 
 @main.command()
 @click.argument("campaign")
-@click.option("--out", "out", type=click.Path(file_okay=False), required=True)
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="the folder to write to (needed unless --watch)")
 @click.option("--lang", "langs", multiple=True, help="only this language (repeatable)")
 @click.option("--recipient", "recipient", default=None, help="personalise for this address")
 @click.option("--png", is_flag=True, help="also screenshots at 600 and 375 px (chromium)")
+@click.option("--watch", is_flag=True,
+              help="serve a live preview on 127.0.0.1 that follows every save")
+@click.option("--port", "port", type=click.IntRange(0, 65535), default=None,
+              help="with --watch: the port (default 8025, else a free one; 0: any free one)")
 @pass_ctx
 @user_errors
-def preview(ctx: Ctx, campaign: str, out: str, langs: tuple[str, ...], recipient: str | None,
-            png: bool) -> None:
-    """Write .html, .txt and .eml per language: exactly what subscribers get."""
+def preview(ctx: Ctx, campaign: str, out: str | None, langs: tuple[str, ...],
+            recipient: str | None, png: bool, watch: bool, port: int | None) -> None:
+    """Write .html, .txt and .eml per language: exactly what subscribers get.
+
+    With --watch, show them in the browser instead, rendered again on every save.
+    """
+    if watch:
+        if out is not None or png:
+            raise click.UsageError("--watch shows the preview in the browser: leave out "
+                                   "--out and --png")
+        from .watch import run_watch
+
+        run_watch(ctx.settings, campaign, port=port, langs=list(langs), recipient=recipient,
+                  echo=click.echo)
+        return
+    if out is None:
+        raise click.UsageError("--out DIR is needed (or --watch for a live preview)")
+    if port is not None:
+        raise click.UsageError("--port goes with --watch")
     from .preview import write_preview
 
     for path in write_preview(ctx.settings, campaign, Path(out), langs=list(langs),
@@ -109,12 +130,13 @@ def preview(ctx: Ctx, campaign: str, out: str, langs: tuple[str, ...], recipient
 
 
 def _register() -> None:
-    from . import cli_ops, cli_run, cli_send, cli_web
+    from . import cli_ops, cli_run, cli_send, cli_status, cli_web
 
     cli_ops.register(main)
     cli_send.register(main)
     cli_run.register(main)
     cli_web.register(main)
+    cli_status.register(main)
 
 
 _register()

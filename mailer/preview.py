@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .audience import Recipient, email_key, normalise_address
-from .campaign import find_campaign
-from .checks import check_campaign, sample_recipient
+from .campaign import Campaign, find_campaign
+from .checks import Checked, check_campaign, sample_recipient
 from .compose import Composer, message_id
 from .config import Settings
 from .errors import CampaignError, UserError
-from .render import personalise
+from .render import Links, Snippets, personalise
 from .tokens import Tokens
 
 CHROMIUM = "/usr/bin/chromium"
@@ -39,33 +40,70 @@ def pick_recipient(
         list=recipients[0].list if recipients else "")
 
 
-def write_preview(
-    settings: Settings, ref: str, out: Path, *, langs: list[str], recipient: str | None,
-    png: bool
-) -> list[Path]:
-    checked = check_campaign(find_campaign(ref, settings), settings)
+@dataclass(frozen=True)
+class MailPreview:
+    """One language of a campaign as one recipient gets it: what the inbox line shows, and both
+    parts."""
+
+    lang: str
+    dir: str  # "rtl" for Arabic and the other right-to-left languages
+    recipient: Recipient
+    subject: str
+    preheader: str
+    html: str
+    text: str
+
+
+def preview_mails(checked: Checked, settings: Settings, composer: Composer, *, langs: list[str],
+                  recipient: str | None) -> list[MailPreview]:
+    """The mail per language (all of the campaign's when `langs` is empty), personalised for
+    `recipient`, or else for the first list member with that language."""
     campaign = checked.campaign
     for lang in langs:
         if lang not in campaign.content:
             raise CampaignError(f"the campaign has no language '{lang}' "
                                 f"(it has {', '.join(campaign.languages)})", path=campaign.source)
-    if png and not Path(CHROMIUM).exists():
-        raise UserError("--png needs Debian's chromium: run 'apt-get install chromium' "
-                        "(or leave out --png)")
-    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()))
     fallback = sample_recipient(campaign, settings)
-    files: dict[str, bytes] = {}
+    out = []
     for lang in langs or campaign.languages:
         person = pick_recipient(checked.recipients, lang, recipient, fallback)
         person = Recipient(email=person.email, name=person.name, language=lang,
                            fields=person.fields, list=person.list)
-        body = personalise(checked.rendition.languages[lang], person,
-                           composer.links(person, lang))
-        stem = f"{campaign.id}.{lang}"
-        files[f"{stem}.html"] = body.html.encode("utf-8")
-        files[f"{stem}.txt"] = body.text.encode("utf-8")
+        links = composer.links(person, lang)
+        lr = checked.rendition.languages[lang]
+        body = personalise(lr, person, links)
+        out.append(MailPreview(lang=lang, dir=lr.dir, recipient=person, subject=body.subject,
+                               preheader=_preheader(campaign, lang, person, links),
+                               html=body.html, text=body.text))
+    return out
+
+
+def _preheader(campaign: Campaign, lang: str, person: Recipient, links: Links) -> str:
+    """The preheader with its merge fields filled in, as the inbox line shows it."""
+    source = campaign.content[lang].preheader
+    if "{" not in source:
+        return source
+    template = Snippets(campaign).compile(source, ("content", lang, "preheader"),
+                                          autoescape=False)
+    return " ".join(template.render(recipient=person.merge(), links=asdict(links)).split())
+
+
+def write_preview(
+    settings: Settings, ref: str, out: Path, *, langs: list[str], recipient: str | None,
+    png: bool
+) -> list[Path]:
+    checked = check_campaign(find_campaign(ref, settings), settings)
+    if png and not Path(CHROMIUM).exists():
+        raise UserError("--png needs Debian's chromium: run 'apt-get install chromium' "
+                        "(or leave out --png)")
+    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()))
+    files: dict[str, bytes] = {}
+    for mail in preview_mails(checked, settings, composer, langs=langs, recipient=recipient):
+        stem = f"{checked.campaign.id}.{mail.lang}"
+        files[f"{stem}.html"] = mail.html.encode("utf-8")
+        files[f"{stem}.txt"] = mail.text.encode("utf-8")
         files[f"{stem}.eml"] = composer.compose(
-            person, message_id=message_id(domain=settings.msgid_domain)).data
+            mail.recipient, message_id=message_id(domain=settings.msgid_domain)).data
     written = _write_all(out, files)
     if png:
         for name in [n for n in files if n.endswith(".html")]:

@@ -311,6 +311,18 @@ def status_counts(conn: Connection, run_id: int) -> dict[str, int]:
     return counts
 
 
+def bounced_count(conn: Connection, run_id: int, *, since: datetime) -> int:
+    """Recipients of a run whose address was suppressed for a bounce at or after `since` (the
+    run's start): a 5.1.x reply during the run, or returned mail read after it."""
+    d, s = deliveries, suppressions
+    return int(conn.execute(
+        select(func.count(func.distinct(d.c.id)))
+        .select_from(d.join(s, s.c.email_key == d.c.email_key))
+        .where(d.c.run_id == run_id, s.c.reason.like("%bounce%"), s.c.created_at >= since,
+               or_(s.c.list_name == GLOBAL, s.c.list_name == d.c.list_name))
+    ).scalar() or 0)
+
+
 def send_window(conn: Connection, run_id: int) -> tuple[datetime | None, datetime | None]:
     d = deliveries
     first, last = conn.execute(
