@@ -7,10 +7,11 @@ import re
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from babel import Locale, UnknownLocaleError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,7 +23,7 @@ from pydantic import (
 
 from .config import Settings
 from .errors import CampaignError
-from .yamlsrc import Located, closest, load_yaml, raise_validation
+from .yamlsrc import Located, closest, load_yaml, validation_problems
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,79}$")
 MAX_ATTACHMENTS_BYTES = 10 * 1024 * 1024
@@ -61,35 +62,64 @@ def parse_local_time(value: str) -> datetime:
     raise ValueError(f"'{value}' is not a date and time: write it as YYYY-MM-DD HH:MM")
 
 
+LINK = "https://, http://, mailto: or tel: link, or a merge field like {{ links.view_online }}"
+
+
 class Image(Strict):
-    src: str
-    alt: str = Field(min_length=1)
-    href: str | None = None
-    width: int | None = Field(None, ge=16, le=600)
+    """A picture, optionally a link."""
+
+    src: str = Field(description="address of the picture (" + LINK + ")",
+                     examples=["https://imag.example.org/bilder/2026/strassenfest-nordmarkt.jpg"])
+    alt: str = Field(min_length=1, description="what the picture shows, in words: read aloud "
+                     "to blind readers and shown when pictures are blocked",
+                     examples=["Lange Tische auf dem Nordmarkt beim Straßenfest"])
+    href: str | None = Field(None, description="where a click on the picture leads (" + LINK
+                             + ")", examples=["https://imag.example.org/galerie/strassenfest"])
+    width: int | None = Field(None, ge=16, le=600, description="width in pixels, 16 to 600 "
+                              "(default: the full width of the mail)", examples=[600])
 
     _src = field_validator("src", "href")(lambda v: v if v is None else _url(v))
     _alt = field_validator("alt")(lambda v: _one_line(v, "alt"))
 
 
 class Button(Strict):
-    label: str = Field(min_length=1, max_length=80)
-    url: str
+    """A button that opens a link."""
+
+    label: str = Field(min_length=1, max_length=80, description="the text on the button, one "
+                       "line, at most 80 characters", examples=["Jetzt anmelden"])
+    url: str = Field(description="where the button leads (" + LINK + ")",
+                     examples=["https://imag.example.org/forum-integration/anmeldung"])
 
     _u = field_validator("url")(lambda v: _url(v))
     _l = field_validator("label")(lambda v: _one_line(v, "label"))
 
 
+TIME = "YYYY-MM-DD HH:MM, local time (config.yaml 'timezone')"
+
+
 class Event(Strict):
-    title: str = Field(min_length=1)
-    start: str
-    end: str | None = None
-    place: str = Field(min_length=1)
-    address: str | None = None
-    description: str | None = None
-    calendar: bool = True
-    # The same event in every language and every campaign announcing it: one calendar entry.
-    id: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,79}$")
-    url: str | None = None
+    """A date: shown with place and time; an .ics calendar file is attached."""
+
+    title: str = Field(min_length=1, description="what happens",
+                       examples=["FORUM INTEGRATION: Gute Nachbarschaft"])
+    start: str = Field(description="when it begins: " + TIME, examples=["2026-12-10 18:00"])
+    end: str | None = Field(None, description="when it ends: " + TIME + "; not before start",
+                            examples=["2026-12-10 20:30"])
+    place: str = Field(min_length=1, description="where: the name of the place",
+                       examples=["Auslandsgesellschaft.de"])
+    address: str | None = Field(None, description="street, postcode and town of the place",
+                                examples=["Steinstraße 48, 44147 Dortmund"])
+    description: str | None = Field(None, description="a few words more about the event",
+                                    examples=["Der Eintritt ist frei."])
+    calendar: bool = Field(True, description="attach an .ics calendar file (default true)",
+                           examples=[False])
+    id: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,79}$",
+                           description="a name for this event (a-z, 0-9, -) that stays the same "
+                           "in every language and every campaign announcing it: calendars then "
+                           "update one entry instead of adding another", examples=[
+                               "integrationskonferenz-2027"])
+    url: str | None = Field(None, description="a page about the event (" + LINK + "); goes "
+                            "into the calendar entry", examples=["https://www.example.org/ik"])
 
     _event_url = field_validator("url")(lambda v: v if v is None else _url(v))
 
@@ -108,23 +138,43 @@ class Event(Strict):
 
 
 class Quote(Strict):
-    text: str = Field(min_length=1)
-    author: str | None = None
+    """A quotation, set apart from the text."""
+
+    text: str = Field(min_length=1, description="the words quoted",
+                      examples=["Wir gehen diesen Weg gemeinsam – mit aufrechtem Gang."])
+    author: str | None = Field(None, description="who said it",
+                               examples=["Aus dem Sprecherrat des Trägerkreises IMAG"])
 
 
 BLOCK_KINDS = ("heading", "text", "image", "button", "event", "quote", "divider")
+MERGE = "; merge fields like {{ recipient.name }} work here"
 
 
 class Block(Strict):
     """One block of content: a mapping with exactly one of the kinds as its key."""
 
-    heading: str | None = None
-    text: str | None = None
-    image: Image | None = None
-    button: Button | None = None
-    event: Event | None = None
-    quote: Quote | None = None
-    divider: dict[str, Any] | None = None
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    heading: str | None = Field(None, description="a heading, one line" + MERGE,
+                                examples=["Liebe {{ recipient.name }}"])
+    text: str | None = Field(None, description="a paragraph or more, in Markdown (**bold**, "
+                             "[link](https://…), lists with -)" + MERGE,
+                             examples=["Das **FORUM INTEGRATION** lädt ein."])
+    image: Image | None = Field(None, description="a picture: src, alt, optional href and "
+                                "width", examples=[{"src": "https://imag.example.org/plakat.jpg",
+                                                    "alt": "Plakat zum Straßenfest"}])
+    button: Button | None = Field(None, description="a button: label and url",
+                                  examples=[{"label": "Jetzt anmelden",
+                                             "url": "https://imag.example.org/anmeldung"}])
+    event: Event | None = Field(None, description="a date: title, start, place, optional end, "
+                                "address, description", examples=[{
+                                    "title": "FORUM INTEGRATION", "start": "2026-12-10 18:00",
+                                    "place": "Auslandsgesellschaft.de"}])
+    quote: Quote | None = Field(None, description="a quotation: text, optional author",
+                                examples=[{"text": "Wir ALLE sind Dortmund.",
+                                           "author": "Trägerkreis IMAG"}])
+    divider: dict[str, Any] | None = Field(None, description="a horizontal line; write "
+                                           "'- divider: {}'", examples=[{}])
 
     @model_validator(mode="before")
     @classmethod
@@ -163,22 +213,58 @@ class Block(Strict):
 
 
 class Content(Strict):
-    subject: str = Field(min_length=1, max_length=200)
-    preheader: str = Field("", max_length=250)
-    blocks: list[Block] = Field(min_length=1)
+    """The mail in one language."""
+
+    subject: str = Field(min_length=1, max_length=200, description="the subject line of the "
+                         "mail, one line, at most 200 characters" + MERGE,
+                         examples=["Wir ALLE sind Dortmund – Neues im Dezember"])
+    preheader: str = Field("", max_length=250, description="the short line mail programs show "
+                           "after the subject, at most 250 characters" + MERGE,
+                           examples=["Einladung zum FORUM INTEGRATION am 10. Dezember"])
+    blocks: list[Block] = Field(min_length=1, description="the content, top to bottom: a list "
+                                "of '- kind: …' items; kinds: " + ", ".join(BLOCK_KINDS),
+                                examples=[[{"heading": "Liebe {{ recipient.name }}"},
+                                           {"text": "Das **FORUM INTEGRATION** lädt ein."}]])
 
     _s = field_validator("subject")(lambda v: _one_line(v, "the subject"))
     _p = field_validator("preheader")(lambda v: _one_line(v, "the preheader"))
 
 
+LANGUAGE_PATTERN = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
+
+
+def _language(lang: str) -> str:
+    if lang in Content.model_fields:
+        raise ValueError(f"'{lang}' is not a language code: the fields of a language go one "
+                         "level deeper, under the language (e.g. 'de:')")
+    try:
+        Locale.parse(lang.replace("-", "_"))
+    except (UnknownLocaleError, ValueError, TypeError):
+        raise ValueError(f"'{lang}' is not a language code (use e.g. de, tr, ar)") from None
+    return lang
+
+
+Language = Annotated[str, AfterValidator(_language)]
+
+
 class Audience(Strict):
-    lists: list[str] = Field(min_length=1)
-    languages: list[str] | None = None  # only recipients whose language is one of these
+    """Who gets the mail."""
+
+    lists: list[str] = Field(min_length=1, description="names of list files under lists/ "
+                             "(without .csv/.yaml) or of managed subscriber lists",
+                             examples=[["newsletter-demo", "partners"]])
+    languages: list[str] | None = Field(None, description="only recipients whose language is "
+                                        "one of these (default: everyone on the lists)",
+                                        examples=[["de", "tr"]])
 
 
 class Schedule(Strict):
-    at: str | None = None
-    cron: str | None = None
+    """When the scheduler (mailer run) sends it: either at or cron."""
+
+    at: str | None = Field(None, description="send once, at this time: " + TIME,
+                           examples=["2026-12-03 09:00"])
+    cron: str | None = Field(None, description="send repeatedly: five fields, minute hour day "
+                             "month weekday, local time", examples=["0 9 1 * *"])
 
     @model_validator(mode="after")
     def _one(self) -> Schedule:
@@ -188,13 +274,36 @@ class Schedule(Strict):
 
 
 class Campaign(Strict):
-    id: str
-    title: str | None = None
-    template: str = Field(pattern=r"^[a-z0-9_-]+$")
-    audience: Audience
-    schedule: Schedule | None = None
-    content: dict[str, Content] = Field(min_length=1)
-    attachments: list[str] = []
+    """One campaign file under campaigns/: what to send, to whom, and when."""
+
+    id: str = Field(description="optional; defaults to the file name without .yaml; lower-case "
+                    "letters, digits and dashes", examples=["wir-alle-sind-dortmund-2026-12"],
+                    json_schema_extra={"pattern": ID_RE.pattern})
+    title: str | None = Field(None, description="a name for the campaign in reports and the "
+                              "archive (default: the subject of the first language)",
+                              examples=["Wir ALLE sind Dortmund – Dezember 2026"])
+    template: str = Field(pattern=r"^[a-z0-9_-]+$", description="the layout: a file "
+                          "templates/<name>.mjml.j2", examples=["newsletter"])
+    audience: Audience = Field(description="who gets the mail: lists, optionally only some "
+                               "languages", examples=[{"lists": ["newsletter-demo",
+                                                                 "partners"]}])
+    schedule: Schedule | None = Field(None, description="when 'mailer run' sends it: at a time "
+                                      "or by cron; leave it out to send only with 'mailer send'",
+                                      examples=[{"at": "2026-12-03 09:00"},
+                                                {"cron": "0 9 1 * *"}])
+    content: dict[Language, Content] = Field(
+        min_length=1, description="the mail per language code (de, tr, ar, …); the first "
+        "language is the default for recipients whose language the campaign lacks",
+        examples=[{"de": {"subject": "Wir ALLE sind Dortmund",
+                          "blocks": [{"text": "Das **FORUM INTEGRATION** lädt ein."}]}}],
+        json_schema_extra={"propertyNames": {"pattern": LANGUAGE_PATTERN}})
+    attachments: list[str] = Field([], description="files to attach, relative to the campaign "
+                                   "file and inside its folder; together at most 10 MiB",
+                                   examples=[["files/flyer.pdf"]])
+
+    archive: bool = Field(True, description="show it in the public archive behind 'view "
+                          "online' once it went out (default true); false for internal mails",
+                          examples=[False])
 
     _source: Path | None = PrivateAttr(None)
     _lines: dict[Any, int] = PrivateAttr(default_factory=dict)
@@ -206,16 +315,6 @@ class Campaign(Strict):
             raise ValueError(
                 f"'{value}' is not a valid id: use lower-case letters, digits and dashes"
             )
-        return value
-
-    @field_validator("content")
-    @classmethod
-    def _languages(cls, value: dict[str, Content]) -> dict[str, Content]:
-        for lang in value:
-            try:
-                Locale.parse(lang.replace("-", "_"))
-            except (UnknownLocaleError, ValueError, TypeError):
-                raise ValueError(f"'{lang}' is not a language code (use e.g. de, tr, ar)") from None
         return value
 
     @property
@@ -250,11 +349,48 @@ class Campaign(Strict):
         )
 
 
-def json_schema() -> dict[str, Any]:
+class CampaignProblems(CampaignError):
+    """Several problems of one campaign file, in line order (`problems`). Raised as one
+    CampaignError whose sentence is the first problem and counts the others, so every command
+    that reports one sentence still can; `mailer validate` prints each of them."""
+
+    def __init__(self, problems: list[CampaignError]) -> None:
+        self.problems = problems
+        first = problems[0]
+        super().__init__(first.message, path=first.path, line=first.line, field=first.field)
+
+    def sentence(self) -> str:
+        more = len(self.problems) - 1
+        return (super().sentence() + f" (and {more} more problem{'s' if more > 1 else ''} in "
+                "this file: 'mailer validate' lists them all)")
+
+
+def raise_all(problems: list[CampaignError]) -> None:
+    """Nothing when there is no problem; the one, or all of them in line order."""
+    flat = [p for problem in problems
+            for p in (problem.problems if isinstance(problem, CampaignProblems) else [problem])]
+    if len(flat) == 1:
+        raise flat[0]
+    if flat:
+        raise CampaignProblems(sorted(flat, key=lambda p: p.line or 0))
+
+
+def json_schema(templates: list[str] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a campaign file: every field with a description and an example (an
+    editor with the YAML language server shows them on hover); `templates` become an enum."""
     schema = Campaign.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "imag-mailer campaign"
+    schema["required"] = [name for name in schema["required"] if name != "id"]
+    if templates:
+        schema["properties"]["template"]["enum"] = sorted(templates)
     return schema
+
+
+def template_names(settings: Settings) -> list[str]:
+    """The layouts a campaign can name: templates/<name>.mjml.j2 but the shared base and blocks."""
+    return sorted(p.name.removesuffix(".mjml.j2") for p in settings.templates_dir.glob("*.mjml.j2")
+                  if p.name not in ("base.mjml.j2", "blocks.mjml.j2"))
 
 
 def load_campaign(
@@ -276,7 +412,7 @@ def load_campaign(
     try:
         campaign = Campaign.model_validate(data)
     except ValidationError as exc:
-        raise_validation(exc, located, error=CampaignError, model=Campaign)
+        raise_all(validation_problems(exc, located, error=CampaignError, model=Campaign))
         raise
     campaign._source = path
     campaign._lines = located.lines
@@ -287,36 +423,40 @@ def load_campaign(
 def _check_references(
     campaign: Campaign, located: Located, settings: Settings, warnings: list[str] | None
 ) -> None:
+    """What needs more than the file itself (templates, lists, the clock, attachments): every
+    problem found, in line order."""
     from .audience import known_lists
 
+    problems: list[CampaignError] = []
     template = settings.templates_dir / f"{campaign.template}.mjml.j2"
     if not template.is_file():
-        layouts = sorted(
-            p.name.removesuffix(".mjml.j2")
-            for p in settings.templates_dir.glob("*.mjml.j2")
-            if p.name not in ("base.mjml.j2", "blocks.mjml.j2")
-        )
+        layouts = template_names(settings)
         hint = closest(campaign.template, layouts)
-        raise campaign.error(
+        problems.append(campaign.error(
             f"unknown template '{campaign.template}'"
             + (f"; did you mean '{hint}'?" if hint else "")
             + f" (templates: {', '.join(layouts)})",
             "template",
-        )
+        ))
     lists = known_lists(settings)
     for i, name in enumerate(campaign.audience.lists):
         if name not in lists:
             hint = closest(name, lists)
-            raise campaign.error(
+            problems.append(campaign.error(
                 f"unknown list '{name}'"
                 + (f"; did you mean '{hint}'?" if hint else "")
                 + f" (lists: {', '.join(sorted(lists))})",
                 "audience",
                 "lists",
                 i,
-            )
-    _check_schedule(campaign, settings, warnings)
-    read_attachments(campaign)
+            ))
+    for check in (lambda: _check_schedule(campaign, settings, warnings),
+                  lambda: read_attachments(campaign)):
+        try:
+            check()
+        except CampaignError as exc:
+            problems.append(exc)
+    raise_all(problems)
 
 
 def read_attachments(campaign: Campaign) -> list[tuple[str, bytes]]:

@@ -55,7 +55,8 @@ def size_warnings(rendition: Rendition, sample: Recipient) -> list[str]:
 
 
 def check_campaign(path: Path, settings: Settings, *, with_audience: bool = True) -> Checked:
-    """Load, render and merge-check one campaign; raises a UserError at the first problem."""
+    """Load, render and merge-check one campaign; raises a UserError: every problem of the file
+    itself at once (a CampaignProblems when there are several), else the first render problem."""
     warnings: list[str] = []
     campaign = load_campaign(path, settings, warnings=warnings)
     rendition = render_campaign(campaign, settings)

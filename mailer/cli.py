@@ -45,7 +45,7 @@ def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
     """Check campaign files (all of campaigns/ when none given)."""
     import logging
 
-    from .campaign import campaign_files, find_campaign
+    from .campaign import CampaignProblems, campaign_files, find_campaign
     from .checks import check_campaign
 
     log = logging.getLogger("mailer.cli")
@@ -58,9 +58,10 @@ def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
         try:
             path = find_campaign(target, settings) if isinstance(target, str) else target
             checked = check_campaign(path, settings)
-        except UserError as exc:
+        except UserError as exc:  # every problem of the file, in line order
             problems += 1
-            click.echo(f"error: {exc.sentence()}", err=True)
+            for each in exc.problems if isinstance(exc, CampaignProblems) else [exc]:
+                click.echo(f"error: {each.sentence()}", err=True)
             continue
         except Exception as exc:  # a bug further down: report it, then check the other files
             problems += 1
@@ -83,11 +84,13 @@ def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
 
 @main.command()
 @pass_ctx
+@user_errors
 def schema(ctx: Ctx) -> None:
-    """Print the JSON Schema of a campaign file (for editor autocompletion)."""
-    from .campaign import json_schema
+    """Print the JSON Schema of a campaign file (for editor completion and hover help)."""
+    from .campaign import json_schema, template_names
 
-    click.echo(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    schema = json_schema(template_names(ctx.settings))
+    click.echo(json.dumps(schema, indent=2, ensure_ascii=False))
 
 
 @main.command()

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - PyYAML built without libyaml
 log = logging.getLogger("mailer.yamlsrc")
 
 Loc = tuple[str | int, ...]
+E = TypeVar("E", bound=UserError)
 MAX_FILE_BYTES = 2 * 1024 * 1024
 MAX_INT_DIGITS = 4300  # Python's own limit for int(str) (sys.get_int_max_str_digits)
 
@@ -127,7 +128,7 @@ def load_yaml(path: Path, *, error: type[UserError], text: str | None = None,
     except UserError:
         raise
     except yaml.YAMLError as exc:
-        raise _syntax_error(exc, path=path, error=error, budget=budget) from None
+        raise _syntax_error(exc, text, path=path, error=error, budget=budget) from None
     except Exception as exc:  # a trust boundary: one sentence even for what we did not foresee
         log.debug("unexpected error reading %s", path, exc_info=True)
         raise error(f"cannot read this file as YAML ({type(exc).__name__}: "
@@ -146,18 +147,195 @@ def _check_text(text: str, *, path: Path, error: type[UserError], budget: Budget
                     line=text.count("\n", 0, bad.start()) + 1)
 
 
-def _syntax_error(exc: yaml.YAMLError, *, path: Path, error: type[UserError],
+def _syntax_error(exc: yaml.YAMLError, text: str, *, path: Path, error: type[UserError],
                   budget: Budget) -> UserError:
     if not isinstance(exc, yaml.MarkedYAMLError):
         return error(f"YAML syntax error: {_first_line(exc)}", path=path)
-    mark = exc.problem_mark or exc.context_mark
-    line = mark.line + 1 if mark else None
     problem = (exc.problem or exc.context or "invalid YAML").strip()
     if "nesting depth" in problem:  # libyaml's own limit (1,000), met while looking ahead
+        mark = exc.problem_mark or exc.context_mark
         return error(f"values are nested more than {budget.max_depth} levels deep: flatten the "
-                     "structure", path=path, line=line)
-    return error(f"YAML syntax error: {problem} (check indentation, colons and quotes)",
-                 path=path, line=line)
+                     "structure", path=path, line=mark.line + 1 if mark else None)
+    line, advice = _SyntaxProblem(exc, text).explain()
+    return error(f"YAML syntax error: {advice}", path=path, line=line)
+
+
+_KEY_LINE = re.compile(r"^(\s*(?:-\s+)?)([^\s#'\"{\[][^#]*?):(?:\s+|$)")  # indent, key
+_DASH_NO_SPACE = re.compile(r"^\s*-[^\s\-]")
+
+
+class _SyntaxProblem:
+    """What the parser could not read, in the words of someone editing the file: the line to
+    fix (often not the one where the parser gave up) and what to do there."""
+
+    def __init__(self, exc: yaml.MarkedYAMLError, text: str) -> None:
+        self.exc, self.text = exc, text
+        self.lines = text.splitlines()
+        self.problem = exc.problem or ""
+        self.context = exc.context or ""
+        mark = exc.problem_mark or exc.context_mark
+        self.at = mark.line + 1 if mark else 1
+        self.col = mark.column if mark else 0
+        self.since = exc.context_mark.line + 1 if exc.context_mark else self.at
+        self.since_col = exc.context_mark.column if exc.context_mark else 0
+
+    def src(self, n: int) -> str:
+        return self.lines[n - 1] if 0 < n <= len(self.lines) else ""
+
+    def before(self, n: int) -> int | None:
+        """The nearest line above n with content (not blank, not only a comment)."""
+        for m in range(n - 1, 0, -1):
+            stripped = self.src(m).strip()
+            if stripped and not stripped.startswith("#"):
+                return m
+        return None
+
+    @staticmethod
+    def indent(line: str) -> str:
+        return line[: len(line) - len(line.lstrip())]
+
+    def explain(self) -> tuple[int, str]:
+        for rule in (self.tab, self.escape, self.open_quote, self.open_bracket,
+                     self.second_colon, self.no_colon, self.misaligned, self.dash,
+                     self.reserved):
+            found = rule()
+            if found is not None:
+                return found
+        return self.at, ("this line does not fit the lines around it: check that it is "
+                         "indented with spaces like its neighbours, that each field name ends "
+                         "with ':' and a space, and that every quote is closed")
+
+    # -- the rules, most specific first --------------------------------------------------------
+
+    def tab(self) -> tuple[int, str] | None:
+        line = self.src(self.at)
+        if "tab" not in self.problem and "\\t" not in self.problem \
+                and line[self.col:self.col + 1] != "\t":
+            return None
+        if "\t" in self.indent(line):
+            return self.at, ("this line is indented with a tab; YAML allows only spaces for "
+                             "indentation: replace the tab with spaces")
+        return self.at, "this line has a tab where a value should start: replace it with a space"
+
+    def escape(self) -> tuple[int, str] | None:
+        if "escape" not in self.problem:
+            return None
+        return self.at, ("a backslash inside double quotes starts an escape sequence: write \\\\ "
+                         "for a backslash, or put the value in single quotes instead")
+
+    def open_quote(self) -> tuple[int, str] | None:
+        if "quoted scalar" in self.context and "end of stream" in self.problem:
+            start, col = self.since, self.since_col
+        else:  # closed by the next quote further down: the value ran over several lines
+            found = self._multiline_quote()
+            if found is None:
+                return None
+            start, col = found
+        quote = self.src(start)[col:col + 1] or '"'
+        return start, (f"the quote {quote} that starts a value on this line is never closed: "
+                       f"end the value with {quote} on the same line"
+                       + (" (write \\\" for a quote inside it)" if quote == '"' else
+                          " (write '' for an apostrophe inside it)"))
+
+    def _multiline_quote(self) -> tuple[int, int] | None:
+        """The start of a quoted value that ends on the failing line, if it began further up."""
+        found = None
+        try:
+            for token in yaml.scan(self.text, Loader=_Parser):
+                if token.start_mark.line + 1 > self.at:
+                    break
+                if (isinstance(token, yaml.ScalarToken) and token.style in ('"', "'")
+                        and token.start_mark.line + 1 < token.end_mark.line + 1 == self.at):
+                    found = (token.start_mark.line + 1, token.start_mark.column)
+        except yaml.YAMLError:
+            pass
+        return found
+
+    def open_bracket(self) -> tuple[int, str] | None:
+        for kind, opener, closer, items in (("flow sequence", "[", "]", "items"),
+                                            ("flow mapping", "{", "}", "fields")):
+            if kind in self.context:
+                return self.since, (f"the '{opener}' on this line is not closed properly: end "
+                                    f"it with '{closer}' and put a comma between its {items}")
+        return None
+
+    def second_colon(self) -> tuple[int, str] | None:
+        if "mapping values are not allowed" not in self.problem:
+            return None
+        line = self.src(self.at)
+        key = _KEY_LINE.match(line[: self.col + 1])
+        if key is not None and key.end() <= self.col:
+            value = line[key.end():].strip().replace('"', '\\"')
+            return self.at, (f"the value of '{key.group(2).strip()}' contains ': ', which YAML "
+                             f"reads as another field: put the value in quotes, like "
+                             f"{key.group(2).strip()}: \"{value}\"")
+        above = self.before(self.at)
+        if above is not None and _KEY_LINE.match(self.src(above)):
+            # the line reads as more text of the value above it: it is indented too far
+            width = len(self.indent(self.src(above)))
+            fix = (f"indent it by {width} spaces like line {above} (or fewer, if it belongs to "
+                   "a section further up)" if width else
+                   f"remove the spaces at its start, like line {above}")
+            return self.at, (f"this line is indented further than line {above} above it, so it "
+                             f"reads as part of that value: {fix}")
+        if above is not None:
+            return self._add_colon(above)
+        return None
+
+    def no_colon(self) -> tuple[int, str] | None:
+        if "expected ':'" not in self.problem:
+            return None
+        return self._add_colon(self.since)
+
+    def _add_colon(self, n: int) -> tuple[int, str]:
+        line = self.src(n).strip()
+        dash = "- " if line.startswith("- ") else ""
+        name, _, rest = line[len(dash):].partition(" ")
+        example = f"{dash}{name}: {rest.strip()}".rstrip()
+        return n, f"a ':' is missing after the field name: write '{example}'"
+
+    def misaligned(self) -> tuple[int, str] | None:
+        if "expected key" not in self.problem and "<block end>" not in self.problem:
+            return None
+        line = self.src(self.at)
+        stripped = line[: self.col].rstrip()
+        if stripped[-1:] in ('"', "'") and stripped.count(stripped[-1]) >= 2:
+            return self.at, ("there is text after the closing quote: put the whole value "
+                             "inside the quotes")
+        width = len(self.indent(line))
+        above = self.before(self.at)
+        levels = {self.since_col: self.since}
+        if above is not None:
+            levels.setdefault(len(self.indent(self.src(above))), above)
+        if width in levels or not line.strip():
+            return None
+        choices = " or ".join(f"{w} like line {n}" for w, n in sorted(levels.items(),
+                                                                       reverse=True))
+        return self.at, (f"this line is indented by {width} spaces, which lines up with "
+                         f"nothing above it: indent it by {choices}")
+
+    def dash(self) -> tuple[int, str] | None:
+        for n in range(self.since, self.at + 1):
+            if _DASH_NO_SPACE.match(self.src(n)):
+                item = self.src(n).strip()
+                return n, f"a list item needs a space after '-': write '- {item[1:]}'"
+        if "sequence entries are not allowed" in self.problem:
+            return self.at, ("a list item ('- ') cannot start on the same line as its field: "
+                             "put it on the next line, indented further")
+        if ("expected key" in self.problem or "<block end>" in self.problem) \
+                and self.src(self.at).lstrip().startswith("- "):
+            return self.at, ("a list item ('- ') where a field was expected: indent it under "
+                             "the field it belongs to, or remove the '- '")
+        return None
+
+    def reserved(self) -> tuple[int, str] | None:
+        char = self.src(self.at)[self.col:self.col + 1]
+        if "cannot start any token" in self.problem and char:
+            return self.at, f"a value cannot start with '{char}': put the value in quotes"
+        if "alias" in self.context or "anchor" in self.context:
+            return self.at, ("a value that starts with '*' or '&' means something special in "
+                             "YAML: put the value in quotes")
+        return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -381,27 +559,69 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
 def raise_validation(
     exc: ValidationError, located: Located, *, error: type[UserError], model: Any = None
 ) -> None:
-    """Turn the first pydantic error into one sentence naming file, line and field."""
-    err = exc.errors(include_url=False)[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    kind = err["type"]
-    message = err["msg"]
+    """Raise the first problem (in line order) of `validation_problems` as one sentence."""
+    raise validation_problems(exc, located, error=error, model=model)[0]
+
+
+def validation_problems(
+    exc: ValidationError, located: Located, *, error: type[E], model: Any = None
+) -> list[E]:
+    """Every problem pydantic found, as one sentence each naming file, line and field, in line
+    order. An unknown key and the required field it was meant to be are one problem, at the
+    unknown key: a close spelling ('subjekt' for 'subject'), or the only unknown key next to
+    the only missing field of the same mapping ('link' for 'url')."""
+    errors = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"]
+                    if not (isinstance(p, str) and (p.startswith("function-") or p == "[key]")))
+        errors.append((err, loc, err["loc"][-1:] == ("[key]",)))
+    bad_keys = {loc for _, loc, key in errors if key}  # a bad key: what it holds is not looked at
+    errors = [e for e in errors if e[2] or not any(e[1][:len(k)] == k for k in bad_keys)]
+    unknown: dict[Loc, list[str]] = {}
+    missing: dict[Loc, list[str]] = {}
+    for err, loc, _ in errors:
+        if err["type"] in ("extra_forbidden", "missing"):
+            bucket = unknown if err["type"] == "extra_forbidden" else missing
+            bucket.setdefault(loc[:-1], []).append(str(loc[-1]))
+    meant: dict[Loc, str] = {}  # the loc of an unknown key -> the missing field it stands for
+    for parent, keys in unknown.items():
+        left = missing.get(parent, [])
+        for key in keys:
+            hint = closest(key, left) or (left[0] if len(keys) == len(left) == 1 else None)
+            if hint is not None:
+                meant[(*parent, key)] = hint
+                left.remove(hint)
+    out: list[tuple[int, int, E]] = []
+    for n, (err, loc, _) in enumerate(errors):
+        if err["type"] == "missing" and str(loc[-1]) not in missing.get(loc[:-1], []):
+            continue  # reported as the unknown key that stands for it
+        message, at = _message(err, loc, model, meant.get(loc))
+        line = located.line(at)
+        out.append((line or 0, n, error(message, path=located.path, line=line,
+                                        field=dotted(at) or None)))
+    return [problem for _, _, problem in sorted(out, key=lambda t: t[:2])]
+
+
+def _message(err: Any, loc: Loc, model: Any, meant: str | None) -> tuple[str, Loc]:
+    """One pydantic error in plain words, and the loc whose line it names."""
+    kind, message = err["type"], err["msg"]
     if kind == "extra_forbidden":
         unknown = str(loc[-1])
-        known = _known_fields(model, loc[:-1], located.data)
-        hint = closest(unknown, known)
-        message = f"unknown field '{unknown}'" + (
-            f"; did you mean '{hint}'?" if hint else f"; known fields: {', '.join(sorted(known))}"
-        )
-    elif kind == "missing":
-        message = f"required field '{loc[-1]}' is missing"
-        line = located.line(loc[:-1])
-        raise error(message, path=located.path, line=line, field=dotted(loc[:-1]) or None)
-    elif message.startswith("Value error, "):
-        message = message[len("Value error, "):]
-    elif kind.endswith("_type") or kind.endswith("_parsing"):
-        message = f"{message.rstrip('.')} (got {_short(err.get('input'))})"
-    raise error(message, path=located.path, line=located.line(loc), field=dotted(loc) or None)
+        known = field_names(model, loc[:-1])
+        hint = meant or closest(unknown, known)
+        return f"unknown field '{unknown}'" + (
+            f"; did you mean '{hint}'?" if hint else
+            f"; known fields: {', '.join(sorted(known))}" if known else
+            "; remove it"), loc
+    if kind == "missing":
+        about = field_description(model, loc)
+        return (f"required field '{loc[-1]}' is missing: add '{loc[-1]}:'"
+                + (f" ({about})" if about else "")), loc[:-1]
+    if message.startswith("Value error, "):
+        return message[len("Value error, "):], loc
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{message.rstrip('.')} (got {_short(err.get('input'))})", loc
+    return message, loc
 
 
 def _short(value: Any) -> str:
@@ -409,30 +629,45 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _known_fields(model: Any, loc: Loc, data: Any) -> list[str]:
-    """The field names pydantic would accept at loc (best effort, for suggestions)."""
-    try:
-        current = model
-        for part in loc:
-            if isinstance(part, int) or current is None:
-                continue
-            info = current.model_fields.get(part)
+def field_names(model: Any, loc: Loc) -> list[str]:
+    """The field names pydantic accepts in the mapping at loc (for suggestions)."""
+    found = _model_at(model, loc)
+    return [f.alias or n for n, f in found.model_fields.items()] if found is not None else []
+
+
+def field_description(model: Any, loc: Loc) -> str | None:
+    """The description of the field at loc, if the model gives one."""
+    found = _model_at(model, loc[:-1])
+    info = found.model_fields.get(loc[-1]) if found is not None and loc else None
+    return info.description if info is not None else None
+
+
+def _model_at(model: Any, loc: Loc) -> Any:
+    """The pydantic model that validates the mapping at loc: through fields, optional values,
+    lists (an index) and dicts (a key), at any depth; None where there is no model."""
+    current = _model_of(model)
+    for part in loc:
+        if current is None:
+            return None
+        if hasattr(current, "model_fields"):
+            info = current.model_fields.get(part) if isinstance(part, str) else None
             if info is None:
-                current = None
-                break
-            current = _model_of(info.annotation)
-        if current is not None and hasattr(current, "model_fields"):
-            return [f.alias or n for n, f in current.model_fields.items()]
-    except Exception:  # suggestions are a nicety; never fail the real error over them
-        return []
-    return []
+                return None
+            current = info.annotation
+        else:  # a list (part is an index) or a dict (part is a key): what it holds
+            args = [a for a in getattr(current, "__args__", ()) or () if a is not type(None)]
+            current = args[-1] if args else None
+        current = _unwrap(current)
+    return current if hasattr(current, "model_fields") else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`X | None` -> X; anything else as it is."""
+    args = [a for a in getattr(annotation, "__args__", ()) or () if a is not type(None)]
+    if type(None) in (getattr(annotation, "__args__", ()) or ()) and len(args) == 1:
+        return args[0]
+    return annotation
 
 
 def _model_of(annotation: Any) -> Any:
-    if hasattr(annotation, "model_fields"):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
+    return annotation if hasattr(annotation, "model_fields") else None

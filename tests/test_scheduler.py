@@ -575,10 +575,10 @@ async def test_a_fire_that_fails_before_its_run_is_recorded_as_failed(
     [run] = runs_of(runner.settings, "daily")
     assert (run.status, run.occurrence, run.total) == (RunStatus.FAILED, t.isoformat(), 0)
     assert run.scheduled_at == t and run.late_s == 60
-    assert run.note and "partners.yaml, line 2: YAML syntax error" in run.note
+    assert run.note and "partners.yaml, line 1: YAML syntax error" in run.note
     assert "mailer send daily" in run.note and outbox(runner.settings) == []
     [logged] = events(caplog, "fire-failed")
-    assert logged.levelno == logging.ERROR and "partners.yaml, line 2" in logged.getMessage()
+    assert logged.levelno == logging.ERROR and "partners.yaml, line 1" in logged.getMessage()
     row = overview_of(runner.settings, "daily")
     assert row["last_run"]["status"] == "failed"
     [failed] = row["failed"]
