@@ -619,6 +619,16 @@ def _message(err: Any, loc: Loc, model: Any, meant: str | None) -> tuple[str, Lo
                 + (f" ({about})" if about else "")), loc[:-1]
     if message.startswith("Value error, "):
         return message[len("Value error, "):], loc
+    got = _short(err.get("input"))
+    if kind == "string_pattern_mismatch":
+        return f"{got} is not allowed here: use only lower-case letters, digits and dashes", loc
+    if kind == "list_type":
+        value = err.get("input")
+        like = f"[{value}]" if isinstance(value, str | int) and value != "" else "[…, …]"
+        return f"this must be a list, like {like} (got {got})", loc
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return (f"this must hold fields ('name: value', indented below it), not a single "
+                f"value (got {got})"), loc
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return f"{message.rstrip('.')} (got {_short(err.get('input'))})", loc
     return message, loc

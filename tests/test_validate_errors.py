@@ -162,6 +162,21 @@ def test_an_unknown_nested_field_lists_the_known_ones(project: Project) -> None:
     assert known == sorted(known) and found.line == 9
 
 
+@pytest.mark.parametrize(("text", "line", "message"), [
+    (GOOD.replace("[partners]", "partners"), 2,
+     "this must be a list, like [partners] (got 'partners')"),
+    (GOOD.replace("audience: {lists: [partners]}", "audience: partners"), 2,
+     "this must hold fields ('name: value', indented below it), not a single value "
+     "(got 'partners')"),
+    (GOOD.replace("template: newsletter", "template: Newsletter 2"), 1,
+     "'Newsletter 2' is not allowed here: use only lower-case letters, digits and dashes"),
+], ids=["list", "fields", "pattern"])
+def test_wrong_kinds_of_value_are_said_without_pydantic_words(project: Project, text: str,
+                                                             line: int, message: str) -> None:
+    [found] = problems(project, "kind.yaml", text)
+    assert (found.line, found.message) == (line, message)
+
+
 def test_language_fields_written_without_a_language(project: Project) -> None:
     text = GOOD.replace("  de:\n", "  subject: Hallo\n  de:\n")
     [found] = problems(project, "flat.yaml", text)
