@@ -300,6 +300,9 @@ class Campaign(Strict):
     attachments: list[str] = Field([], description="files to attach, relative to the campaign "
                                    "file and inside its folder; together at most 10 MiB",
                                    examples=[["files/flyer.pdf"]])
+    archive: bool = Field(True, description="show it in the public archive behind 'view "
+                          "online' once it went out (default true); false for internal mails",
+                          examples=[False])
 
     archive: bool = Field(True, description="show it in the public archive behind 'view "
                           "online' once it went out (default true); false for internal mails",

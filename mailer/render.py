@@ -28,6 +28,7 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup
 from mjml import mjml2html
 
+from . import htmlcraft
 from .audience import Recipient
 from .campaign import RTL_LANGUAGES, Campaign, Event, read_attachments, resolve_local
 from .config import Settings
@@ -332,6 +333,7 @@ def _render_language(campaign: Campaign, settings: Settings, lang: str) -> LangR
             "in the text blocks)",
             path=settings.templates_dir / f"{campaign.template}.mjml.j2",
         ) from None
+    html = htmlcraft.finish(html)  # landmarks, <body lang dir>, inlined text styles
     text = text_part(context, org=org, t=t)
     subject_src = content.subject
     return LangRendition(
@@ -759,8 +761,25 @@ def _ics_fold(line: str) -> str:
 # --- per recipient --------------------------------------------------------------------------
 
 
-def personalise(lr: LangRendition, recipient: Recipient, links: Links) -> Personalised:
-    values = {"recipient": recipient.merge(), "links": {
+class Neutral(jinja2.Undefined):
+    """A merge field where no one is addressed (the public archive): reads as `text`, and as
+    missing to `default(…)` and `if`, so a campaign can say how its prose reads then."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__(name="recipient")
+        self._text = text
+
+    def __str__(self) -> str:
+        return self._text
+
+
+def personalise(lr: LangRendition, recipient: Recipient | Mapping[str, object],
+                links: Links) -> Personalised:
+    """Fill the stage-2 templates for one recipient (or a mapping of merge values)."""
+    merged = recipient.merge() if isinstance(recipient, Recipient) else recipient
+    values = {"recipient": merged, "links": {
         "unsubscribe": links.unsubscribe, "preferences": links.preferences,
         "view_online": links.view_online}}
     subject = lr.static_subject if lr.static_subject is not None else lr.subject.render(values)

@@ -1,7 +1,9 @@
 """The archive behind every mail's "view online" link: campaigns that went out, as sent.
 
-Only campaigns with at least one delivered message are shown (drafts stay private), and never
-personalised: merge fields are empty, and the footer links lead to the subscribe page.
+Only campaigns with at least one delivered message are shown (drafts, test sends and campaigns
+with `archive: false` stay private), and never personalised: the name reads as the language's
+neutral form of address, other merge fields as the campaign's `default(…)`; the footer links
+lead to the subscribe page and to a page that says how to unsubscribe.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ..audience import Recipient, columns
+from ..audience import columns
 from ..campaign import ID_RE, campaign_files, load_campaign
 from ..checks import check_campaign
 from ..config import Settings
 from ..errors import UserError
-from ..render import Links, Rendition, personalise
+from ..render import Links, Neutral, Rendition, personalise, ui_strings
 from ..store import queries as q
 from .app import page_language, render, web_of
 from .i18n import strings
@@ -72,6 +74,8 @@ class Archive:
             checked = check_campaign(path, settings, with_audience=False)
         except UserError:
             return None
+        if not checked.campaign.archive:  # `archive: false`: internal, never public
+            return None
         lists = checked.campaign.audience.lists
         entry = Entry(stamp, checked.rendition, frozenset(columns(lists, settings)))
         with self._lock:
@@ -92,9 +96,12 @@ class Archive:
         if html is not None:
             return html
         base = settings.base_url
-        public = Recipient(email="", name="", language=lr.lang,
-                           fields={c: "" for c in entry.columns})
-        links = Links(unsubscribe=f"{base}/subscribe?lang={lr.lang}",
+        # No one is addressed: the name reads as the language's neutral form of address, other
+        # fields as their `default(…)` in the campaign (or empty), never as someone's data.
+        public: dict[str, object] = {c: Neutral() for c in entry.columns}
+        public |= {"email": Neutral(), "language": lr.lang,
+                   "name": Neutral(ui_strings(settings, lr.lang).get("neutral_name", ""))}
+        links = Links(unsubscribe=f"{base}/unsubscribe?lang={lr.lang}",
                       preferences=f"{base}/subscribe?lang={lr.lang}",
                       view_online=f"{base}/archive/{campaign_id}?lang={lr.lang}")
         html = personalise(lr, public, links).html

@@ -38,6 +38,11 @@ STRINGS: dict[str, dict[str, str]] = {
         "confirmed": "Vielen Dank! Sie erhalten ab jetzt unsere E-Mails. Abmelden können Sie sich "
                      "mit einem Klick in jeder E-Mail.",
         "already": "Diese Anmeldung ist bereits bestätigt. Sie müssen nichts weiter tun.",
+        "unsubscribe_howto": "Diese Seite kennt Ihre Adresse nicht. Zum Abmelden nutzen Sie bitte "
+                             "den Link „Abmelden“ in Ihrer eigenen E-Mail – er gilt nur für Ihre "
+                             "Adresse. Oder schreiben Sie uns eine E-Mail mit dem Betreff "
+                             "„Abmelden“.",
+        "unsubscribe_mail": "E-Mail zum Abmelden schreiben",
         "confirm_title": "Anmeldung bestätigen",
         "confirm_ask": "Möchten Sie {email} für „{lists}“ anmelden? Erst der Knopf bestätigt die "
                        "Anmeldung.",
@@ -106,6 +111,11 @@ STRINGS: dict[str, dict[str, str]] = {
         "confirmed": "Thank you! You will receive our emails from now on. You can unsubscribe with "
                      "one click in every email.",
         "already": "This subscription is already confirmed. There is nothing more to do.",
+        "unsubscribe_howto": "This page does not know your address. To unsubscribe, please use the"
+                             " “Unsubscribe” link in your own copy of the email – it works for "
+                             "your address only. Or send us an email with the subject "
+                             "“Unsubscribe”.",
+        "unsubscribe_mail": "Write an email to unsubscribe",
         "confirm_title": "Confirm your subscription",
         "confirm_ask": "Do you want to subscribe {email} to “{lists}”? Only the button confirms "
                        "the subscription.",
@@ -173,6 +183,11 @@ STRINGS: dict[str, dict[str, str]] = {
         "confirmed": "Teşekkürler! Bundan sonra e-postalarımızı alacaksınız. Her e-postadaki tek "
                      "tıkla abonelikten çıkabilirsiniz.",
         "already": "Bu abonelik zaten onaylanmış. Başka bir şey yapmanız gerekmiyor.",
+        "unsubscribe_howto": "Bu sayfa adresinizi bilmiyor. Abonelikten çıkmak için lütfen kendi "
+                             "e-postanızdaki „Abonelikten çık“ bağlantısını kullanın – yalnızca "
+                             "sizin adresiniz için geçerlidir. Ya da bize „Abonelikten çık“ konulu"
+                             " bir e-posta gönderin.",
+        "unsubscribe_mail": "Abonelikten çıkmak için e-posta yazın",
         "confirm_title": "Aboneliği onaylayın",
         "confirm_ask": "{email} adresini „{lists}“ için kaydetmek istiyor musunuz? Abonelik ancak "
                        "düğmeye bastığınızda onaylanır.",
@@ -240,6 +255,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "confirmed": "شكرًا لك! ستتلقى رسائلنا من الآن. يمكنك إلغاء الاشتراك بنقرة واحدة في كل "
                      "رسالة.",
         "already": "هذا الاشتراك مؤكد بالفعل. لا داعي لفعل أي شيء آخر.",
+        "unsubscribe_howto": "هذه الصفحة لا تعرف عنوانكم. لإلغاء الاشتراك يُرجى استخدام رابط "
+                             "«إلغاء الاشتراك» في رسالتكم الخاصة، فهو صالح لعنوانكم فقط. أو أرسلوا"
+                             " إلينا رسالة بعنوان «إلغاء الاشتراك».",
+        "unsubscribe_mail": "كتابة رسالة لإلغاء الاشتراك",
         "confirm_title": "تأكيد الاشتراك",
         "confirm_ask": "هل تريد اشتراك {email} في «{lists}»؟ لا يتأكد الاشتراك إلا بالضغط "
                        "على الزر.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import urllib.parse
 from datetime import timedelta
 from typing import Any
 
@@ -59,6 +60,7 @@ def routes() -> list[BaseRoute]:
         Route("/subscribe", subscribe, methods=["POST"]),
         Route("/confirm/{token}", confirm_page, methods=["GET"]),
         Route("/confirm/{token}", confirm, methods=["POST"]),
+        Route("/unsubscribe", unsubscribe_howto, methods=["GET"]),
         Route("/unsubscribe/{token}", unsubscribe_page, methods=["GET"]),
         Route("/unsubscribe/{token}", unsubscribe, methods=["POST"]),
         Route("/preferences/{token}", preferences_page, methods=["GET"]),
@@ -290,6 +292,16 @@ async def _unsubscribe_context(request: Request, token: ManageToken
     sub = await web.db(lambda c: subs.find_subscriber(c, email_key(token.email)))
     lang = page_language(request, sub["language"] if sub else "")
     return lang, strings(lang), {"email": token.email, "list": list_title(token.list, lang)}
+
+
+async def unsubscribe_howto(request: Request) -> Response:
+    """Where the archive's "unsubscribe" leads: no token, so say how (own mail, or mail us)."""
+    lang = page_language(request)
+    t = strings(lang)
+    address = web_of(request).settings.unsubscribe_mailto
+    return message(request, lang=lang, title=t["unsubscribe_title"], text=t["unsubscribe_howto"],
+                   mailto=f"mailto:{address}?subject={urllib.parse.quote(t['unsubscribe_title'])}",
+                   back=True)
 
 
 async def unsubscribe_page(request: Request) -> Response:
