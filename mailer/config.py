@@ -80,6 +80,20 @@ class SchedulerSettings(Strict):
     poll_s: float = Field(2.0, gt=0)
 
 
+class ListSettings(Strict):
+    """How people see a list: its title per language (the first one is the fallback)."""
+
+    title: dict[str, str] = {}
+
+    @field_validator("title")
+    @classmethod
+    def _one_line(cls, value: dict[str, str]) -> dict[str, str]:
+        for lang, text in value.items():
+            if not text.strip() or any(ord(c) < 32 for c in text):
+                raise ValueError(f"the '{lang}' title must be one line of text")
+        return value
+
+
 class WebSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -136,6 +150,7 @@ class Settings(Strict):
     smtp: SmtpSettings = SmtpSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     web: WebSettings = WebSettings()
+    lists: dict[str, ListSettings] = {}
     max_recipients: int = Field(1_000_000, ge=1)
 
     @field_validator("timezone")
@@ -264,7 +279,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError(
             "secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
             path=path, line=located.line(("secret_key",)), field="secret_key")
-    for block in ("sender", "organisation", "smtp", "scheduler", "web"):
+    for block in ("sender", "organisation", "smtp", "scheduler", "web", "lists"):
         value = located.data.get(block)
         if value is not None and not isinstance(value, dict):
             raise ConfigError(

@@ -6,7 +6,8 @@ together with FORM_VERSION — change the version whenever a text changes (proof
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 FORM_VERSION = "2026-01"
 RTL = frozenset({"ar", "fa", "he", "ur"})
@@ -51,10 +52,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "invalid": "Der Link ist unvollständig, verändert oder abgelaufen. Es wurde nichts "
                    "geändert. Bitte melden Sie sich bei Bedarf erneut an.",
         "unsubscribe_title": "Abmelden",
-        "unsubscribe_ask": "Möchten Sie {email} von der Liste „{list}“ abmelden?",
+        "unsubscribe_ask": "Möchten Sie {email} von dieser Liste abmelden: {list}?",
         "unsubscribe_button": "Ja, abmelden",
         "unsubscribed_title": "Sie sind abgemeldet",
-        "unsubscribed": "{email} erhält keine E-Mails der Liste „{list}“ mehr.",
+        "unsubscribed": "{email} erhält keine E-Mails mehr von dieser Liste: {list}.",
         "preferences_title": "Einstellungen",
         "preferences_intro": "Einstellungen für {email}",
         "save": "Speichern",
@@ -80,7 +81,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "privacy": "Datenschutz: Es gilt das Datenschutzgesetz der EKD (DSG-EKD). Auskunft und "
                    "Löschung: {email}",
         "list_newsletter": "IMAG-Newsletter",
-        "partner_list": "Verteiler „{list}“ (Partnerorganisationen)",
+        "partner_list": "Verteiler des Trägerkreises IMAG",
         "mail_subject": "Bitte bestätigen Sie Ihre Anmeldung",
         "mail_hello": "Guten Tag {name},",
         "mail_hello_anon": "Guten Tag,",
@@ -124,10 +125,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "invalid": "The link is incomplete, altered or expired. Nothing was changed. Please "
                    "subscribe again if you wish.",
         "unsubscribe_title": "Unsubscribe",
-        "unsubscribe_ask": "Do you want to unsubscribe {email} from the list “{list}”?",
+        "unsubscribe_ask": "Do you want to unsubscribe {email} from this list: {list}?",
         "unsubscribe_button": "Yes, unsubscribe",
         "unsubscribed_title": "You are unsubscribed",
-        "unsubscribed": "{email} will no longer receive emails of the list “{list}”.",
+        "unsubscribed": "{email} will no longer receive emails from this list: {list}.",
         "preferences_title": "Preferences",
         "preferences_intro": "Preferences for {email}",
         "save": "Save",
@@ -152,7 +153,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "privacy": "Data protection: the data protection law of the EKD (DSG-EKD) applies. Access "
                    "and erasure: {email}",
         "list_newsletter": "IMAG newsletter",
-        "partner_list": "Mailing list “{list}” (partner organisations)",
+        "partner_list": "mailing list of the IMAG network",
         "mail_subject": "Please confirm your subscription",
         "mail_hello": "Hello {name},",
         "mail_hello_anon": "Hello,",
@@ -196,10 +197,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "invalid": "Bağlantı eksik, değiştirilmiş veya süresi dolmuş. Hiçbir şey değiştirilmedi. "
                    "İsterseniz lütfen yeniden abone olun.",
         "unsubscribe_title": "Abonelikten çık",
-        "unsubscribe_ask": "{email} adresini „{list}“ listesinden çıkarmak istiyor musunuz?",
+        "unsubscribe_ask": "{email} adresini bu listeden çıkarmak istiyor musunuz: {list}?",
         "unsubscribe_button": "Evet, abonelikten çık",
         "unsubscribed_title": "Abonelikten çıktınız",
-        "unsubscribed": "{email} artık „{list}“ listesinin e-postalarını almayacak.",
+        "unsubscribed": "{email} artık bu listenin e-postalarını almayacak: {list}.",
         "preferences_title": "Ayarlar",
         "preferences_intro": "{email} için ayarlar",
         "save": "Kaydet",
@@ -224,7 +225,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "privacy": "Veri koruma: EKD veri koruma yasası (DSG-EKD) geçerlidir. Bilgi ve silme: "
                    "{email}",
         "list_newsletter": "IMAG bülteni",
-        "partner_list": "„{list}“ dağıtım listesi (ortak kuruluşlar)",
+        "partner_list": "IMAG ağının dağıtım listesi",
         "mail_subject": "Lütfen aboneliğinizi onaylayın",
         "mail_hello": "Merhaba {name},",
         "mail_hello_anon": "Merhaba,",
@@ -267,10 +268,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "invalid": "الرابط غير مكتمل أو معدَّل أو منتهي الصلاحية. لم يتغير شيء. يُرجى الاشتراك "
                    "من جديد إن رغبت.",
         "unsubscribe_title": "إلغاء الاشتراك",
-        "unsubscribe_ask": "هل تريد إلغاء اشتراك {email} من قائمة «{list}»؟",
+        "unsubscribe_ask": "هل تريد إلغاء اشتراك {email} من هذه القائمة: {list}؟",
         "unsubscribe_button": "نعم، ألغِ الاشتراك",
         "unsubscribed_title": "تم إلغاء اشتراكك",
-        "unsubscribed": "لن يتلقى {email} رسائل قائمة «{list}» بعد الآن.",
+        "unsubscribed": "لن يتلقى {email} رسائل هذه القائمة بعد الآن: {list}.",
         "preferences_title": "الإعدادات",
         "preferences_intro": "إعدادات {email}",
         "save": "حفظ",
@@ -295,7 +296,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "privacy": "حماية البيانات: يسري قانون حماية البيانات للكنيسة الإنجيلية في ألمانيا "
                    "(DSG-EKD). للاستعلام والحذف: {email}",
         "list_newsletter": "نشرة IMAG الإخبارية",
-        "partner_list": "قائمة «{list}» (المنظمات الشريكة)",
+        "partner_list": "قائمة شبكة IMAG",
         "mail_subject": "يُرجى تأكيد اشتراكك",
         "mail_hello": "مرحبًا {name}،",
         "mail_hello_anon": "مرحبًا،",
@@ -317,9 +318,15 @@ def text_dir(lang: str) -> str:
     return "rtl" if lang in RTL else "ltr"
 
 
-def list_title(list_name: str, lang: str) -> str:
+def list_title(list_name: str, lang: str, titles: Mapping[str, Any] | None = None) -> str:
+    """A list's name as people read it: config `lists.<name>.title` in `lang` (else its first
+    language), else a built-in title, else a neutral phrase: never the internal file name."""
+    configured = titles.get(list_name) if titles else None
+    title: dict[str, str] = getattr(configured, "title", None) or {}
+    if title:
+        return title.get(lang) or next(iter(title.values()))
     t = strings(lang)
-    return t.get(f"list_{list_name}") or t["partner_list"].format(list=list_name)
+    return t.get(f"list_{list_name}") or t["partner_list"]
 
 
 def negotiate(accept_language: str, available: Iterable[str], default: str = "de") -> str:

@@ -31,7 +31,7 @@ def confirmation_message(settings: Settings, *, email: str, name: str, language:
                          lists: Sequence[str], url: str, now: float | None = None) -> bytes:
     """multipart/alternative (text + a plain HTML twin) in the subscriber's language."""
     t = strings(language)
-    titles = ", ".join(list_title(x, language) for x in lists)
+    titles = ", ".join(list_title(x, language, settings.lists) for x in lists)
     hello = t["mail_hello"].format(name=name) if name else t["mail_hello_anon"]
     body = t["mail_body"].format(lists=titles)
     org = settings.organisation

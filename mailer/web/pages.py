@@ -81,7 +81,7 @@ def _origin(request: Request, source: str, **extra: str) -> subs.Origin:
 def _subscribe_page(request: Request, *, lang: str, values: dict[str, Any],
                     errors: dict[str, str], status: int = 200) -> Response:
     offered = web_of(request).settings.web.subscribe_lists
-    lists = [(name, list_title(name, lang)) for name in offered]
+    lists = [(name, _title(request, name, lang)) for name in offered]
     return render(request, "subscribe.html", lang=lang, status=status,
                   csrf_value=csrf_value(request), values=values, errors=errors, lists=lists,
                   title=strings(lang)["subscribe_title"])
@@ -230,7 +230,7 @@ async def confirm_page(request: Request) -> Response:
     t = strings(lang)
     if state == "already":
         return _confirmed(request, lang, email, lists, t["already"])
-    titles = ", ".join(list_title(x, lang) for x in lists)
+    titles = ", ".join(_title(request, x, lang) for x in lists)
     return render(request, "confirm.html", lang=lang, csrf_value=csrf_value(request),
                   title=t["confirm_title"], ask=t["confirm_ask"].format(email=email,
                                                                         lists=titles))
@@ -264,6 +264,10 @@ def _confirmed(request: Request, lang: str, email: str, lists: list[str], text: 
                    preferences_url=f"/preferences/{manage}")
 
 
+def _title(request: Request, list_name: str, lang: str) -> str:
+    return list_title(list_name, lang, web_of(request).settings.lists)
+
+
 def _invalid(request: Request) -> Response:
     lang = page_language(request)
     t = strings(lang)
@@ -291,7 +295,7 @@ async def _unsubscribe_context(request: Request, token: ManageToken
     web = web_of(request)
     sub = await web.db(lambda c: subs.find_subscriber(c, email_key(token.email)))
     lang = page_language(request, sub["language"] if sub else "")
-    return lang, strings(lang), {"email": token.email, "list": list_title(token.list, lang)}
+    return lang, strings(lang), {"email": token.email, "list": _title(request, token.list, lang)}
 
 
 async def unsubscribe_howto(request: Request) -> Response:
@@ -400,7 +404,7 @@ async def preferences(request: Request) -> Response:
 def _preferences_form(request: Request, token: ManageToken, state: dict[str, Any], lang: str,
                       notice: str = "") -> Response:
     t = strings(lang)
-    lists = [(name, list_title(name, lang)) for name in state["offered"]]
+    lists = [(name, _title(request, name, lang)) for name in state["offered"]]
     return render(request, "preferences.html", lang=lang, csrf_value=csrf_value(request),
                   title=t["preferences_title"], email=token.email, lists=lists,
                   chosen=state["chosen"], current=state["language"] or lang,
