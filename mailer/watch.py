@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .campaign import find_campaign
+from .campaign import CampaignProblems, find_campaign
 from .checks import check_campaign
 from .compose import Composer
 from .config import Settings
@@ -126,7 +126,8 @@ class Watcher:
     def problems(self, exc: Exception) -> tuple[str, ...]:
         """The error lines `mailer validate` prints for the same file."""
         if isinstance(exc, UserError):  # a file with several problems carries all of them
-            return tuple(f"error: {p.sentence()}" for p in getattr(exc, "problems", [exc]))
+            each = exc.problems if isinstance(exc, CampaignProblems) else [exc]
+            return tuple(f"error: {p.sentence()}" for p in each)
         log.debug("rendering %s crashed", self.path, exc_info=True)  # MAILER_LOG_LEVEL=DEBUG
         detail = " ".join(str(exc).split())[:300]
         return (f"error: {self.path}: could not be rendered ({type(exc).__name__}: {detail}); "

@@ -147,6 +147,14 @@ def test_saves_show_up_without_reload_and_a_broken_save_keeps_the_last_good_mail
     expect(page.frame_locator("iframe.desktop").locator("body")).to_contain_text("Guten Abend")
     assert watched.proc.poll() is None  # the server kept running
 
+    # Several problems at once: every one of them, in line order, as validate lists them.
+    watched.save(campaign("Zwei Fehler").replace('    subject: "FORUM INTEGRATION daveti"\n',
+                                                 '    subjekt: "FORUM INTEGRATION daveti"\n')
+                 .replace("    preheader:", "    preheder:"))
+    expect(errors).to_have_text(cli_errors(project))
+    assert len(errors.inner_text().splitlines()) >= 2
+    expect(subject).to_have_text("Neu: Vorträge <b>&</b> Gespräche")
+
     watched.save(campaign("Wieder gut"))
     expect(subject).to_have_text("Wieder gut")
     expect(page.locator(".errors")).to_have_count(0)
