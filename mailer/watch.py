@@ -355,7 +355,8 @@ def run_watch(settings: Settings, ref: str, *, port: int | None, langs: list[str
     sock = bind_loopback(port)
     try:
         asyncio.run(serve_watch(watcher, sock, echo=echo))
-    except KeyboardInterrupt:
-        echo("stopped")
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then passed Ctrl-C on
+        pass
     finally:
         sock.close()
+    echo("stopped")
