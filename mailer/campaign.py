@@ -304,10 +304,6 @@ class Campaign(Strict):
                           "online' once it went out (default true); false for internal mails",
                           examples=[False])
 
-    archive: bool = Field(True, description="show it in the public archive behind 'view "
-                          "online' once it went out (default true); false for internal mails",
-                          examples=[False])
-
     _source: Path | None = PrivateAttr(None)
     _lines: dict[Any, int] = PrivateAttr(default_factory=dict)
 
