@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -16,9 +16,14 @@ from .errors import MailerError, UserError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     _say(message, error=True)
     sys.exit(1)
+
+
+def error_line(message: str) -> None:
+    """`error: …` on stderr (or a JSON log line) without ending the command."""
+    _say(message, error=True)
 
 
 def _say(message: str, *, error: bool = False) -> None:

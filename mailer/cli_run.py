@@ -8,12 +8,13 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .cli_base import Ctx, pass_ctx, user_errors
+from .cli_base import Ctx, error_line, pass_ctx, user_errors
 
 FAILED_SHOWN = 5  # failed fires listed under a campaign by `mailer schedule` (--json: all 20)
 
@@ -60,10 +61,15 @@ def run(ctx: Ctx, once: bool) -> None:
     refuse_broken_links(settings)  # a real relay needs public https links; nothing written yet
     configure_logging()
 
+    def invalid(path: Path, error: str) -> None:
+        named = error if path.name in error else f"{path}: {error}"
+        error_line(f"{named} (this file was skipped; the other campaigns ran)")
+
     async def main() -> int:
         stop = asyncio.Event()
         with stop_on_signals(asyncio.get_running_loop(), stop):
-            return await serve(settings, config_path(ctx), once=once, stop=stop)
+            return await serve(settings, config_path(ctx), once=once, stop=stop,
+                               on_invalid=invalid if once else None)
 
     sys.exit(asyncio.run(main()))
 
@@ -78,39 +84,49 @@ def schedule(ctx: Ctx, as_json: bool) -> None:
     from .store import open_store
 
     settings = ctx.settings
-    rows = schedule_overview(settings, open_store(settings.database_url))
+    rows = schedule_overview(settings, open_store(settings.database_url), unscheduled=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
-    if not [row for row in rows if not row.get("error")]:
+    if not [row for row in rows if row.get("schedule")]:
         click.echo(f"no scheduled campaigns in {settings.campaigns_dir}")
     for row in rows:  # broken files on stderr, like `mailer validate` reports them
-        click.echo(_line(row), err=bool(row.get("error")))
+        click.echo(_line(row, settings.tz), err=bool(row.get("error")))
 
 
-def _line(row: dict[str, Any]) -> str:
+def _line(row: dict[str, Any], tz: tzinfo) -> str:
+    from .report import describe_occurrence
+
     if row.get("error"):
         kept = row.get("kept")
         if not kept:
-            return f"error: {row['error']}"
-        when = f"next {kept['next_local'][:16].replace('T', ' ')} local" if kept["next_local"] \
+            return f"error: {row['error']} (no next fire: the file is invalid)"
+        when = f"next {_local(kept['next_local'], tz)}" if kept["next_local"] \
             else "no next fire"
         return (f"error: {row['error']} (mailer run keeps the last good schedule "
                 f"of {kept['campaign']}: {kept['schedule']}; {when})")
-    nxt = row["next_local"]
-    when = "no next fire"
-    if nxt:
-        when = f"next {nxt[:16].replace('T', ' ')} local ({row['next_utc'][:16]}Z)"
+    when = f"next {_local(row['next_local'], tz)}" if row["next_local"] \
+        else f"no next fire: {row['why']}"
     last = row["last_run"]
-    done = (f"last run {last['id']} {last['status']} ({last['occurrence']}, {last['total']} "
-            "recipients)" if last else "never run")
+    done = (f"last run {last['number']} {last['status']} "
+            f"({describe_occurrence(last['occurrence'], tz)}, {last['total']} recipients)"
+            if last else "never run")
     missed = f", {len(row['missed'])} missed" if row["missed"] else ""
     failed = f", {len(row['failed'])} failed" if row["failed"] else ""
-    lines = [f"{row['campaign']}: {row['schedule']}; {when}; {done}{missed}{failed}"]
+    head = f"{row['campaign']}: {row['schedule']}; {when}" if row["schedule"] \
+        else f"{row['campaign']}: {row['why']}"
+    lines = [f"{head}; {done}{missed}{failed}"]
     for fire in row["failed"][:FAILED_SHOWN]:  # what failed and what to do, newest first
-        at = (fire["scheduled_utc"] or "")[:16]
-        lines.append(f"  run {fire['run']} ({fire['status']}, scheduled {at}Z): {fire['note']}")
+        at = _local(fire["scheduled_utc"], tz) or "-"
+        lines.append(f"  run {fire['number']} ({fire['status']}, scheduled {at}): {fire['note']}")
     return "\n".join(lines)
+
+
+def _local(iso: str | None, tz: tzinfo) -> str | None:
+    """An ISO time from the overview as staff read it (the configured zone, to the minute)."""
+    from .report import local_time
+
+    return local_time(datetime.fromisoformat(iso), tz) if iso else None
 
 
 def register(main: click.Group) -> None:

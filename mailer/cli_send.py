@@ -53,10 +53,16 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], limit: int
         refuse_broken_links(settings)
     checked = _checked(ctx, campaign)
     if to:
-        for address, status in asyncio.run(test_send(checked, settings, list(to))):
-            click.echo(f"test mail to {address}: {status}")
+        results = asyncio.run(test_send(checked, settings, list(to)))
+        for address, sent, reply in results:
+            click.echo(f"test mail to {address}: {'sent' if sent else 'failed'} ({reply})")
         _where(settings)
-        return
+        failed = sum(not sent for _, sent, _ in results)
+        if failed:
+            everyone = "all " if failed == len(results) else ""
+            of = "" if everyone else f" of {len(results)}"
+            click.echo(f"{everyone}{failed}{of} test mails failed")
+        sys.exit(exit_code(sent=len(results) - failed, failed=failed))
     store = _store(ctx)
     if dry_run:
         count, size = do_dry_run(checked, settings, store)
@@ -69,16 +75,33 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], limit: int
         return
     result = asyncio.run(send_run(settings, store, checked, plan.run, limit=limit))
     c = result.counts
-    click.echo(f"run {result.run.id}: {c['sent']} sent, {c['failed']} failed, "
-               f"{c['pending'] + c['sending']} left")
+    click.echo(f"run {plan.number} of {result.run.campaign_id}: {c['sent']} sent, "
+               f"{c['failed']} failed, {c['pending'] + c['sending']} left")
     if result.recovered:
         click.echo(f"{result.recovered} messages were in flight when the previous process "
                    "stopped; they were sent again (some may arrive twice)")
     _where(settings)
     if result.stopped:
         click.echo(f"stopped before the end; continue with: mailer send {campaign}")
-        if limit is None:
-            sys.exit(130)  # interrupted (Ctrl-C / SIGTERM): not done, but nothing lost
+    if c["failed"]:
+        everyone = "all " if c["sent"] == 0 else ""
+        of = "" if everyone else f" of {c['sent'] + c['failed']}"
+        click.echo(f"{everyone}{c['failed']}{of} messages failed: see who and why with: "
+                   f"mailer report {campaign} --failed")
+    if result.stopped and limit is None:
+        sys.exit(130)  # interrupted (Ctrl-C / SIGTERM): not done, but nothing lost
+    sys.exit(exit_code(sent=c["sent"], failed=c["failed"]))
+
+
+SOME_FAILED = 3  # 1 is a user error (bad input), 2 a usage error (click), 130 an interrupt
+ALL_FAILED = 4
+
+
+def exit_code(*, sent: int, failed: int) -> int:
+    """`mailer send`: 0 when nothing failed, 3 when some messages failed, 4 when all did."""
+    if not failed:
+        return 0
+    return ALL_FAILED if not sent else SOME_FAILED
 
 
 def _where(settings: Any) -> None:
@@ -104,7 +127,7 @@ def report(ctx: Ctx, campaign: str, as_json: bool, failed: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
     else:
-        print_report(data)
+        print_report(data, tz=settings.tz)
 
 
 @click.group()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import io
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     app = create_app(settings)
     host = host or settings.web.host
     port = port or settings.web.port
+    sock = listen(host, port)  # before the banner: a busy port is one sentence, not a claim
     line = f"serving on http://{host}:{port}/subscribe (links in mails use {settings.base_url})"
     if json_enabled():  # stdout too stays one JSON object per line
         logging.getLogger("mailer.web").info(line)
@@ -50,7 +53,30 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     # not from uvicorn's proxy_headers, which believes 127.0.0.1 by default. Access lines show
     # paths without tokens; repeated lines are throttled.
     uvicorn.Server(uvicorn_config(app, settings, host=host, port=port,
-                                  json_logs=json_enabled())).run()
+                                  json_logs=json_enabled())).run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (uvicorn listens on it), or exit 1 with the reason."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        fail(f"cannot listen on {host}: {exc.strerror}; set web.host / --host")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            fail(f"port {port} on {host} is already in use: stop the other program or set "
+                 "web.port / --port")
+        hint = " (ports below 1024 need root)" if exc.errno == errno.EACCES else ""
+        fail(f"cannot listen on port {port} on {host} ({exc.strerror}){hint}: set web.port "
+             "/ --port")
+    sock.set_inheritable(True)
+    return sock
 
 
 @click.group()

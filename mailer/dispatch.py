@@ -194,6 +194,8 @@ class Dispatcher:
                 functools.partial(q.claim, run_id=run.id, worker=self.worker, limit=want,
                                   now=self.now()))
             if rows:
+                # Only rows that reached `sent` or `failed` are done: a row put back for a
+                # retry is claimed (and counted) again later, so counting claims overshoots.
                 done += await self._send_batch(rows)
                 self.progress.update(done=done, total=total)
                 continue
@@ -232,6 +234,7 @@ class Dispatcher:
         return not self.stop.is_set()
 
     async def _send_batch(self, rows: Sequence[q.Claimed]) -> int:
+        """Send claimed rows; returns how many of them are now `sent` or `failed`."""
         suppressed = await self._tx(lambda c: q.suppressed_among(
             c, [(r.email_key, r.list_name) for r in rows]))
         if suppressed:
@@ -242,14 +245,17 @@ class Dispatcher:
         todo = [r for r in rows if r.email_key not in suppressed]
         gate = asyncio.Semaphore(self.settings.smtp.pool_size)
         unsent: list[int] = []
+        finished = len(rows) - len(todo)
 
         async def one(row: q.Claimed) -> None:
+            nonlocal finished
             async with gate:
                 if self.stop.is_set() or self._write_error is not None:
                     unsent.append(row.id)
                     return
                 try:
-                    await self._deliver(row)
+                    final = await self._deliver(row)  # (not `finished += await …`: the
+                    finished += final                 # read before the await would be stale)
                 except Exception as exc:
                     # The ledger could not record a result (the database is failing): start
                     # no further transaction, whose result could not be recorded either - the
@@ -267,9 +273,10 @@ class Dispatcher:
             raise LedgerError(
                 f"the ledger could not record a delivery ({reason}); sending stopped, and "
                 "starting the run again resumes it") from failure
-        return len(rows) - len(unsent)
+        return finished
 
-    async def _deliver(self, row: q.Claimed) -> None:
+    async def _deliver(self, row: q.Claimed) -> bool:
+        """One SMTP transaction, its result recorded; True when the row is now final."""
         recipient = Recipient(email=row.email, name=row.name, language=row.language,
                               fields=dict(row.fields or {}), list=row.list_name)
         mid = row.message_id or message_id(domain=self.settings.msgid_domain)
@@ -283,7 +290,7 @@ class Dispatcher:
             await self._commit.submit([q.Outcome(
                 id=row.id, status=DeliveryStatus.FAILED, smtp_code=None,
                 smtp_text=f"not sent: the message could not be built ({exc})"[:500])])
-            return
+            return True
         try:
             result = await self.transport.send(Outgoing(
                 key=row.id, sender=self.settings.sender.address, recipient=row.email, data=data))
@@ -291,8 +298,10 @@ class Dispatcher:
             self._auth_error = exc
             self.stop.set()
             await self._tx(lambda c: q.release(c, [row.id]))
-            return
-        await self._commit.submit([self._outcome(row, result, mid)])
+            return False
+        outcome = self._outcome(row, result, mid)
+        await self._commit.submit([outcome])
+        return outcome.status != DeliveryStatus.PENDING
 
     def _outcome(self, row: q.Claimed, result: DeliveryResult, mid: str) -> q.Outcome:
         now = self.now()

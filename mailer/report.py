@@ -2,13 +2,54 @@
 
 from __future__ import annotations
 
+from datetime import datetime, tzinfo
 from typing import Any
 
 import click
+from sqlalchemy import Connection
 
 from .config import Settings
 from .store import Store
 from .store import queries as q
+
+
+def local_time(when: datetime | None, tz: tzinfo, *, seconds: bool = False) -> str | None:
+    """A time as staff read it: the configured zone, to the minute (or second), no zone name."""
+    if when is None:
+        return None
+    return when.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def local_iso(when: datetime | None, tz: tzinfo) -> str | None:
+    """The same time for --json: ISO 8601 with the zone's offset, to the second."""
+    return when.astimezone(tz).isoformat(timespec="seconds") if when else None
+
+
+def run_numbers(conn: Connection, campaign_id: str) -> dict[int, int]:
+    """Database run id → the run's number within its campaign (1, 2, 3 … in order of start):
+    what staff are shown, since the database id counts the runs of every campaign."""
+    return {run.id: n for n, run in enumerate(q.runs_of(conn, campaign_id), start=1)}
+
+
+def describe_occurrence(occurrence: str, tz: tzinfo) -> str:
+    """The occurrence key of a run as words: `once`, `manual-20261203T…`, a cron fire time…"""
+    from .scheduler import FAILED_ONCE, MISSED_ONCE
+    from .sending import ONCE
+
+    named = {ONCE: "one-off", MISSED_ONCE: "one-off, missed", FAILED_ONCE: "one-off, fire failed"}
+    if occurrence in named:
+        return named[occurrence]
+    if occurrence.startswith("manual-"):
+        return "manual send"
+    if occurrence.startswith("again-"):
+        return "sent anew (--again)"
+    try:
+        fire = datetime.fromisoformat(occurrence)
+    except ValueError:
+        return occurrence
+    if fire.tzinfo is None:
+        return occurrence
+    return f"scheduled {local_time(fire, tz)}"
 
 
 def build_report(store: Store, campaign_id: str, *, settings: Settings, failed: bool = False
@@ -17,20 +58,21 @@ def build_report(store: Store, campaign_id: str, *, settings: Settings, failed: 
     out: dict[str, Any] = {"campaign": campaign_id, "runs": [], "totals": {}}
     totals: dict[str, int] = {}
     with store.engine.connect() as conn:
-        for run in q.runs_of(conn, campaign_id):
+        for number, run in enumerate(q.runs_of(conn, campaign_id), start=1):
             counts = q.status_counts(conn, run.id)
             first, last = q.send_window(conn, run.id)
             entry: dict[str, Any] = {
-                "run": run.id,
+                "run": run.id,  # the database id
+                "number": number,  # the run's number within the campaign, as the text shows it
                 "occurrence": run.occurrence,
                 "status": run.status,
                 "trigger": run.trigger,
-                "scheduled_at": run.scheduled_at.astimezone(tz).isoformat()
-                if run.scheduled_at else None,
+                "started": local_iso(run.created_at, tz),
+                "scheduled_at": local_iso(run.scheduled_at, tz),
                 "late_s": run.late_s,
                 "counts": counts,
-                "first_sent": first.astimezone(tz).isoformat() if first else None,
-                "last_sent": last.astimezone(tz).isoformat() if last else None,
+                "first_sent": local_iso(first, tz),
+                "last_sent": local_iso(last, tz),
                 "in_flight_recovered": run.in_flight_recovered,
                 "failures": [{"code": code, "count": n, "example": text}
                              for code, n, text in q.failures_by_code(conn, run.id)],
@@ -46,23 +88,28 @@ def build_report(store: Store, campaign_id: str, *, settings: Settings, failed: 
     return out
 
 
-def print_report(data: dict[str, Any]) -> None:
+def print_report(data: dict[str, Any], *, tz: tzinfo) -> None:
     if not data["runs"]:
         click.echo(f"{data['campaign']}: no runs yet")
         return
     for run in data["runs"]:
         c = run["counts"]
         late = f", started {run['late_s']:.0f} s late" if run.get("late_s") else ""
-        click.echo(f"run {run['run']} ({run['occurrence']}, {run['status']}{late}): "
+        what = describe_occurrence(run["occurrence"], tz)
+        click.echo(f"run {run['number']} ({what}, {run['status']}{late}): "
                    f"{c['sent']} sent, {c['failed']} failed, {c['pending']} pending, "
                    f"{c['sending']} sending")
         if run["first_sent"]:
-            click.echo(f"  first sent {run['first_sent']}, last sent {run['last_sent']}")
+            first, last = (local_time(datetime.fromisoformat(run[k]), tz, seconds=True)
+                           for k in ("first_sent", "last_sent"))
+            click.echo(f"  first sent {first}, last sent {last}")
         if run["in_flight_recovered"]:
             click.echo(f"  {run['in_flight_recovered']} caught in flight by a crash and sent "
                        "again (those the relay had already taken may have arrived twice)")
         for f in run["failures"]:
             click.echo(f"  {f['count']} × {f['code'] or 'no reply'}: {f['example']}")
+        if "failed" in run and not run["failed"]:
+            click.echo(f"  no failed deliveries in run {run['number']}")
         for f in run.get("failed", []):
             code = f"{f['code']} " if f["code"] else ""
             click.echo(f"  failed {f['email']}: {code}{f['reason']}")

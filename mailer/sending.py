@@ -9,7 +9,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection
 
 from .audience import Recipient, email_key, iter_audience, normalise_address, resolve
 from .checks import Checked, sample_recipient
@@ -60,12 +62,16 @@ def audience(checked: Checked, settings: Settings, store: Store) -> Iterator[Rec
 class Plan:
     run: q.Run | None
     message: str
+    number: int = 0  # the run's number within its campaign (1, 2, 3 …), what staff are shown
 
 
 def plan_run(checked: Checked, settings: Settings, store: Store, *, again: bool,
              retry_failed: bool, trigger: str = "send") -> Plan:
     """Find the run to resume, or start the right occurrence; None when nothing is to do."""
+    from .report import describe_occurrence, local_time
+
     campaign = checked.campaign
+    tz = settings.tz
     with store.engine.begin() as conn:
         existing = q.runs_of(conn, campaign.id)
         if retry_failed:
@@ -74,22 +80,48 @@ def plan_run(checked: Checked, settings: Settings, store: Store, *, again: bool,
             last = existing[-1]
             n = q.retry_failed(conn, last.id)
             q.set_run_status(conn, last.id, RunStatus.RUNNING)
-            return Plan(q.get_run(conn, last.id), f"run {last.id}: {n} failed rows get another try")
+            return Plan(q.get_run(conn, last.id), f"run {len(existing)} of {campaign.id}: "
+                        f"{n} failed rows get another try", len(existing))
+    number = {r.id: n for n, r in enumerate(existing, start=1)}
     unfinished = [r for r in existing if r.status == RunStatus.RUNNING]
     if unfinished and not again:
         run = unfinished[-1]
-        return Plan(run, f"resuming run {run.id} ({run.occurrence}) of {campaign.id}")
-    occurrence = occurrence_for(checked, again=again, now=datetime.now(settings.tz))
+        return Plan(run, f"resuming run {number[run.id]} of {campaign.id} "
+                         f"({describe_occurrence(run.occurrence, tz)})", number[run.id])
+    occurrence = occurrence_for(checked, again=again, now=datetime.now(tz))
     done = next((r for r in existing if r.occurrence == occurrence), None)
     if done is not None:
-        when = (done.finished_at or done.created_at).astimezone(settings.tz)
-        return Plan(None, f"'{campaign.id}' already went out on {when:%Y-%m-%d %H:%M} to "
-                          f"{done.total} recipients (run {done.id}); use --again to send it anew")
+        when = local_time(done.finished_at or done.created_at, tz)
+        return Plan(None, f"'{campaign.id}' already went out on {when} to {done.total} "
+                          f"recipients (run {number[done.id]}); use --again to send it anew")
     recipients = audience(checked, settings, store)
     run, created = start_run(store, campaign_id=campaign.id, occurrence=occurrence,
                              trigger=trigger, recipients=recipients)
+    with store.engine.connect() as conn:
+        n = run_number(conn, run)
     verb = "started" if created else "resuming"
-    return Plan(run, f"{verb} run {run.id} of {campaign.id}: {run.total} recipients")
+    message = f"{verb} run {n} of {campaign.id}: {run.total} recipients"
+    if created and occurrence == ONCE and (at := scheduled_at(checked, settings)) is not None \
+            and at > datetime.now(UTC):
+        message += (f"\nthis replaces the scheduled send at {local_time(at, tz)}: "
+                    "mailer run will not send it again")
+    return Plan(run, message, n)
+
+
+def run_number(conn: Connection, run: q.Run) -> int:
+    from .report import run_numbers
+
+    return run_numbers(conn, run.campaign_id)[run.id]
+
+
+def scheduled_at(checked: Checked, settings: Settings) -> datetime | None:
+    """When a one-off campaign's `schedule: {at: …}` fires; None without one."""
+    from .campaign import resolve_local
+
+    schedule = checked.campaign.schedule
+    if schedule is None or schedule.at is None:
+        return None
+    return resolve_local(schedule.at, settings)
 
 
 class LineProgress:
@@ -124,7 +156,8 @@ class LineProgress:
         now = time.monotonic()
         if now - self._last >= 2.0 or done == total or note:
             self._last = now
-            print(f"{self.label}: {done}/{total} {rate} {note}".rstrip(), file=sys.stderr)
+            print(" ".join(x for x in (f"{self.label}: {done}/{total}", rate, note) if x),
+                  file=sys.stderr)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -168,8 +201,9 @@ def dry_run(checked: Checked, settings: Settings, store: Store) -> tuple[int, in
 
 
 async def test_send(checked: Checked, settings: Settings, addresses: list[str]
-                    ) -> list[tuple[str, str]]:
-    """Send to these addresses only, subject prefixed [TEST]; not recorded as a run."""
+                    ) -> list[tuple[str, bool, str]]:
+    """Send to these addresses only, subject prefixed [TEST]; not recorded as a run.
+    Returns (address, sent, the server's reply) per address."""
     sample = sample_recipient(checked.campaign, settings)
     campaign = checked.campaign
     known = {r.key: r for r in resolve(campaign.audience.lists, settings,
@@ -190,6 +224,6 @@ async def test_send(checked: Checked, settings: Settings, addresses: list[str]
             data = composer.compose(r, message_id=message_id(domain=settings.msgid_domain)).data
             result = await transport.send(Outgoing(key=i, sender=settings.sender.address,
                                                    recipient=r.email, data=data))
-            status = "sent" if result.outcome == Outcome.SENT else f"{result.outcome}"
-            out.append((r.email, f"{status} ({result.code} {result.text})".strip()))
+            reply = f"{result.code or ''} {result.text}".strip()
+            out.append((r.email, result.outcome == Outcome.SENT, reply))
     return out

@@ -62,13 +62,15 @@ async def test_schedule_lists_next_fires_last_runs_misses_and_failures(project: 
              if not line.startswith(" ")}
     assert set(lines) == {"monthly", "later", "late", "daily"}
     assert "cron 0 9 1 * *; next " in lines["monthly"] and "never run" in lines["monthly"]
-    assert " 09:00 local (" in lines["monthly"]
-    assert re.search(r"; no next fire; last run \d+ missed \(once-missed, 0 recipients\), "
-                     r"1 missed$", lines["late"])
-    assert re.search(r"; last run \d+ failed \(2026-12-01T07:00:00\+00:00, 0 recipients\), "
-                     r"1 failed$", lines["daily"])
+    assert re.search(r"; next \d{4}-\d\d-01 09:00; ", lines["monthly"])  # local, no seconds
+    # Why there is no next fire; runs numbered per campaign; times local (08:00 CET = 07:00Z).
+    assert lines["late"] == (
+        "late: at 2026-12-03 09:00:00; no next fire: missed at 2026-12-03 09:00 (run 1): send "
+        "it with: mailer send late; last run 1 missed (one-off, missed, 0 recipients), 1 missed")
+    assert lines["daily"].endswith(
+        "; last run 1 failed (scheduled 2026-12-01 08:00, 0 recipients), 1 failed")
     [reason] = [line for line in shown.stdout.splitlines() if line.startswith("  run ")]
-    assert re.match(r"  run \d+ \(failed, scheduled 2026-12-01T07:00Z\): failed: ", reason)
+    assert reason.startswith("  run 1 (failed, scheduled 2026-12-01 08:00): failed: ")
     assert "YAML syntax error" in reason and "mailer send daily" in reason
 
     data = run_mailer(project, "schedule", "--json")
@@ -93,8 +95,13 @@ def test_schedule_without_scheduled_campaigns_says_so(project: Project) -> None:
     shown = run_mailer(project, "schedule")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("no scheduled campaigns in ")
+    assert shown.stdout.splitlines()[1] == (
+        "unscheduled: no schedule: it goes out only with: mailer send unscheduled; never run")
     data = run_mailer(project, "schedule", "--json")
-    assert data.returncode == 0 and json.loads(data.stdout) == []
+    assert data.returncode == 0
+    [row] = json.loads(data.stdout)
+    assert (row["campaign"], row["schedule"], row["next_utc"]) == ("unscheduled", None, None)
+    assert row["why"].startswith("no schedule")
 
 
 # --- mailer db upgrade -------------------------------------------------------------------------

@@ -53,9 +53,11 @@ async def test_limit_then_resume_then_report(project: Project, fault_server) -> 
     addresses = project.crowd(30)
     server = await fault_server(Faults(rcpt={"person7@example.org": (550, "5.1.1 no such user")}))
     code, out, _ = await mailer(project, server, "send", "crowd", "--limit", "10")
-    assert code == 0 and len(server.messages) <= 10 and "continue with" in out
+    assert code == 3 and len(server.messages) <= 10 and "continue with" in out  # 3: some failed
+    assert out.splitlines()[-1] == (
+        "1 of 10 messages failed: see who and why with: mailer report crowd --failed")
     code, out, _ = await mailer(project, server, "send", "crowd")
-    assert code == 0 and "resuming run" in out
+    assert code == 3 and "resuming run 1 of crowd (one-off)" in out
     assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
         a for a in addresses if a != "person7@example.org")
     code, out, _ = await mailer(project, server, "report", "crowd", "--json", "--failed")
@@ -74,13 +76,14 @@ async def test_retry_failed_and_manual_suppressions(project: Project, fault_serv
     project.crowd(5)
     server = await fault_server(Faults(rcpt={"person1@example.org": (554, "5.7.1 policy"),
                                              "person2@example.org": (554, "5.7.1 policy")}))
-    await mailer(project, server, "send", "crowd")
-    assert len(server.messages) == 3
+    code, _, _ = await mailer(project, server, "send", "crowd")
+    assert code == 3 and len(server.messages) == 3
     code, out, _ = await mailer(project, server, "suppressions", "add", "person2@example.org")
     assert code == 0 and "1 added" in out
     server.faults.rcpt.clear()
     code, out, _ = await mailer(project, server, "send", "crowd", "--retry-failed")
-    assert code == 0 and "1 failed rows get another try" in out
+    # person2, suppressed meanwhile, stays failed: the run still has a failure (exit 3).
+    assert code == 3 and "run 1 of crowd: 1 failed rows get another try" in out
     assert "person1@example.org" in [m.rcpt_tos[0] for m in server.messages]
     assert "person2@example.org" not in [m.rcpt_tos[0] for m in server.messages]
     code, out, _ = await mailer(project, server, "suppressions", "remove", "person2@example.org")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -60,11 +61,13 @@ async def test_report_after_a_run_with_failures(project: Project, fault_server) 
     assert result.counts == {"pending": 0, "sending": 0, "sent": 3, "failed": 4}
 
     text = report(project, "crowd").splitlines()
-    assert text[0] == (f"run {run.id} (20261203T0900, finished, started 42 s late): "
+    # The run's number within the campaign (1), not the database id; local times to the second.
+    assert text[0] == ("run 1 (20261203T0900, finished, started 42 s late): "
                        "3 sent, 4 failed, 0 pending, 0 sending")
     first, _, last = text[1].removeprefix("  first sent ").partition(", last sent ")
-    assert datetime.fromisoformat(first) <= datetime.fromisoformat(last)
-    assert datetime.fromisoformat(first).utcoffset() in (timedelta(hours=1), timedelta(hours=2))
+    assert first <= last and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", first)
+    now = datetime.now(settings.tz).replace(tzinfo=None)
+    assert abs(datetime.fromisoformat(first) - now) < timedelta(minutes=5)  # local, not UTC
     assert text[2].startswith("  1 caught in flight by a crash and sent again")
     assert sorted(text[3:7]) == sorted([
         "  1 × 550: 5.1.1 no such user",
@@ -87,6 +90,11 @@ async def test_report_after_a_run_with_failures(project: Project, fault_server) 
     (entry,) = data["runs"]
     assert (entry["run"], entry["occurrence"], entry["status"], entry["trigger"]) == (
         run.id, "20261203T0900", "finished", "scheduler")
+    assert entry["number"] == 1
+    for key in ("started", "scheduled_at", "first_sent", "last_sent"):  # local, to the second
+        stamp = datetime.fromisoformat(entry[key])
+        assert stamp.microsecond == 0 and "." not in entry[key]
+        assert stamp.utcoffset() == datetime.now(settings.tz).utcoffset()
     assert entry["late_s"] == 42.4 and entry["in_flight_recovered"] == 1
     assert entry["counts"] == data["totals"]
     assert {f["code"]: f["count"] for f in entry["failures"]} == {
