@@ -32,8 +32,8 @@ def pick_recipient(
         for r in recipients:
             if r.key == email_key(address):
                 return r
-        return Recipient(email=address, language=lang, fields=dict(fallback.fields),
-                         list=fallback.list)
+        raise UserError(f"--recipient '{wanted}' is not on the lists of this campaign: pick an "
+                        "address from them, or leave --recipient out for the first one")
     same = [r for r in recipients if r.language == lang]
     return same[0] if same else Recipient(
         email=fallback.email, name=fallback.name, language=lang, fields=fallback.fields,

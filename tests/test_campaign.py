@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 from pathlib import Path
 
@@ -119,6 +121,23 @@ def test_nothing_written_on_bad_preview(project: Project, tmp_path: Path) -> Non
     result = mailer_cli(project, "preview", "c", "--out", str(out))
     assert result.returncode == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_preview_for_an_address_not_on_the_lists_says_so(project: Project,
+                                                           tmp_path: Path) -> None:
+    project.campaign("c.yaml", GOOD)
+    out = tmp_path / "out"
+    result = mailer_cli(project, "preview", "c", "--out", str(out),
+                        "--recipient", "stranger@example.org")
+    assert result.returncode == 1
+    assert "'stranger@example.org' is not on the lists of this campaign" in result.stderr
+    assert not out.exists() or not any(out.iterdir())
+    listed = mailer_cli(project, "preview", "c", "--out", str(out),
+                        "--recipient", "Buero@St-Reinoldi.example.org")
+    assert listed.returncode == 0, listed.stderr
+    mail = email.message_from_bytes(next(out.glob("*.eml")).read_bytes(),
+                                    policy=email.policy.default)
+    assert mail["Subject"] == "Hallo Ulrike Hartmann"
 
 
 yaml_text = st.one_of(
