@@ -35,14 +35,17 @@ def _checked(ctx: Ctx, ref: str) -> Any:
 @click.argument("campaign")
 @click.option("--dry-run", is_flag=True, help="everything but the SMTP dialogue; writes nothing")
 @click.option("--to", "to", multiple=True, help="test send to this address only (repeatable)")
+@click.option("--lang", "lang", default=None,
+              help="with --to: the test mail in this language (default: the address's own "
+                   "language on the lists, else the campaign's first)")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="send at most N now")
 @click.option("--again", is_flag=True, help="start a new occurrence of a campaign already sent")
 @click.option("--resume", is_flag=True, help="continue the unfinished run (the default anyway)")
 @click.option("--retry-failed", is_flag=True, help="give the failed rows of the last run a try")
 @pass_ctx
 @user_errors
-def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], limit: int | None,
-         again: bool, resume: bool, retry_failed: bool) -> None:
+def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], lang: str | None,
+         limit: int | None, again: bool, resume: bool, retry_failed: bool) -> None:
     """Send a campaign now (resumes an unfinished run)."""
     from .links import refuse_broken_links
     from .sending import dry_run as do_dry_run
@@ -51,9 +54,11 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], limit: int
     settings = ctx.settings
     if not dry_run:  # before anything is written: no run, no ledger rows, no SMTP session
         refuse_broken_links(settings)
+    if lang and not to:
+        fail("--lang chooses the language of a test send: use it with --to EMAIL")
     checked = _checked(ctx, campaign)
     if to:
-        results = asyncio.run(test_send(checked, settings, list(to)))
+        results = asyncio.run(test_send(checked, settings, list(to), lang=lang))
         for address, sent, reply in results:
             click.echo(f"test mail to {address}: {'sent' if sent else 'failed'} ({reply})")
         _where(settings)

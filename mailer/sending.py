@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection
@@ -200,12 +200,15 @@ def dry_run(checked: Checked, settings: Settings, store: Store) -> tuple[int, in
     return count, size
 
 
-async def test_send(checked: Checked, settings: Settings, addresses: list[str]
-                    ) -> list[tuple[str, bool, str]]:
+async def test_send(checked: Checked, settings: Settings, addresses: list[str], *,
+                    lang: str | None = None) -> list[tuple[str, bool, str]]:
     """Send to these addresses only, subject prefixed [TEST]; not recorded as a run.
-    Returns (address, sent, the server's reply) per address."""
+    `lang`: every test mail in that language. Returns (address, sent, reply) per address."""
     sample = sample_recipient(checked.campaign, settings)
     campaign = checked.campaign
+    if lang is not None and lang not in campaign.languages:
+        raise UserError(f"--lang {lang}: the campaign has no '{lang}' text (it has "
+                        f"{', '.join(campaign.languages)})")
     known = {r.key: r for r in resolve(campaign.audience.lists, settings,
                                        languages=campaign.audience.languages)}
     targets = []
@@ -214,9 +217,10 @@ async def test_send(checked: Checked, settings: Settings, addresses: list[str]
             address = normalise_address(raw)
         except ValueError as exc:
             raise UserError(f"--to '{raw}' is not a valid address ({exc})") from None
-        targets.append(known.get(email_key(address)) or Recipient(
+        target = known.get(email_key(address)) or Recipient(
             email=address, name=sample.name, language=checked.campaign.default_language,
-            fields=sample.fields, list=checked.campaign.audience.lists[0]))
+            fields=sample.fields, list=checked.campaign.audience.lists[0])
+        targets.append(target if lang is None else replace(target, language=lang))
     composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()), test=True)
     out = []
     async with open_transport(settings) as transport:

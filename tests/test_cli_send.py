@@ -13,7 +13,7 @@ from sqlalchemy import select
 from mailer.store import open_store
 from mailer.store.tables import deliveries
 from tests import helpers
-from tests.conftest import Project
+from tests.conftest import REPO, Project
 from tests.helpers import finish, refuse_sent_rows, smtp_env, start_mailer
 from tests.smtpd import Faults, FaultServer, fault_server  # noqa: F401  (fixture)
 
@@ -47,6 +47,29 @@ async def test_test_send_goes_only_to_the_given_address(project: Project, fault_
     assert "no runs yet" in out  # a test send is not a run
     code, _, err = await mailer(project, server, "send", "crowd", "--to", "not-an-address")
     assert code == 1 and "not a valid address" in err and "Traceback" not in err
+
+
+async def test_a_test_send_in_each_language_of_the_campaign(project: Project,
+                                                            fault_server) -> None:  # noqa: F811
+    name = "wir-alle-sind-dortmund-2026-12.yaml"
+    (project.root / "campaigns" / name).write_bytes((REPO / "campaigns" / name).read_bytes())
+    server = await fault_server()
+    seen = {}
+    for lang in ("de", "tr", "ar"):
+        code, out, err = await mailer(project, server, "send", name[:-5], "--to",
+                                      "staff@example.org", "--lang", lang)
+        assert code == 0, out + err
+        msg = email.message_from_bytes(server.messages[-1].content, policy=email.policy.default)
+        seen[lang] = (msg["Content-Language"], msg["Subject"])
+    assert {lang: cl for lang, (cl, _) in seen.items()} == {"de": "de", "tr": "tr", "ar": "ar"}
+    assert len({subject for _, subject in seen.values()}) == 3
+    assert all(subject.startswith("[TEST] ") for _, subject in seen.values())
+    code, _, err = await mailer(project, server, "send", name[:-5], "--to", "staff@example.org",
+                                "--lang", "pl")
+    assert code == 1 and "no 'pl' text (it has de, tr, ar)" in err
+    code, _, err = await mailer(project, server, "send", name[:-5], "--lang", "tr")
+    assert code == 1 and "use it with --to" in err
+    assert len(server.messages) == 3
 
 
 async def test_limit_then_resume_then_report(project: Project, fault_server) -> None:  # noqa: F811
