@@ -488,7 +488,7 @@ class Runner:
         except UserError as exc:
             known.error = exc.sentence()
         except Exception as exc:  # a bug further down the pipeline: still only this file
-            known.error = _sentence(exc, path)
+            known.error = file_problem(exc, path)
         else:
             known.error = None
             campaign = checked.campaign
@@ -899,7 +899,7 @@ def schedule_overview(settings: Settings, store: Store, *, now: datetime | None 
         except Exception as exc:  # one sentence per broken file; the others are still listed
             if kept is None:
                 kept = kept_jobs(store, settings)
-            error = _sentence(exc, path)
+            error = file_problem(exc, path)
             out.append({"file": path.name, "campaign": None, "error": error,
                         "kept": kept.get(path.name), "why": f"the file is invalid: {error}"})
             continue
@@ -909,7 +909,7 @@ def schedule_overview(settings: Settings, store: Store, *, now: datetime | None 
     return out
 
 
-def _sentence(exc: Exception, path: Path) -> str:
+def file_problem(exc: Exception, path: Path) -> str:
     """One line for a file that did not pass the checks; a bug's traceback goes to the log."""
     if isinstance(exc, UserError):
         return exc.sentence()

@@ -33,7 +33,7 @@ def campaign_status(settings: Settings, store: Store, *, now: datetime | None = 
 
 
 def _status(path: Path, settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
-    from .scheduler import _sentence  # the one sentence `mailer schedule` shows for a bad file
+    from .scheduler import file_problem  # the sentence `mailer schedule` shows for a bad file
 
     entry: dict[str, Any] = {"file": path.name, "campaign": None, "title": None,
                              "languages": [], "audience": None, "schedule": None,
@@ -43,7 +43,7 @@ def _status(path: Path, settings: Settings, store: Store, now: datetime) -> dict
         checked = check_campaign(path, settings)
         audience = _audience(checked, settings, store)
     except Exception as exc:  # listed with its problem; the other files still are
-        entry["problems"].append(_sentence(exc, path))
+        entry["problems"].append(file_problem(exc, path))
         return entry
     campaign = checked.campaign
     with store.engine.connect() as conn:
