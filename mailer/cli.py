@@ -133,13 +133,14 @@ def preview(ctx: Ctx, campaign: str, out: str | None, langs: tuple[str, ...],
 
 
 def _register() -> None:
-    from . import cli_ops, cli_run, cli_send, cli_status, cli_web
+    from . import cli_mailbox, cli_ops, cli_run, cli_send, cli_status, cli_web
 
     cli_ops.register(main)
     cli_send.register(main)
     cli_run.register(main)
     cli_web.register(main)
     cli_status.register(main)
+    cli_mailbox.register(main)
 
 
 _register()

@@ -133,6 +133,56 @@ class WebSettings(Strict):
         return out
 
 
+class BouncesSettings(Strict):
+    """Returned mail (mailbox.py): the VERP return path and when soft bounces suppress."""
+
+    # The envelope sender becomes `<local>+<token>@<domain>` of this address (VERP); None
+    # keeps sender.address as the envelope sender, and returned mail is matched by Message-ID.
+    address: str | None = None
+    soft_limit: int = Field(3, ge=1, le=100)
+    soft_window_days: int = Field(30, ge=1, le=3650)
+    max_message_bytes: int = Field(10 * 1024 * 1024, ge=64 * 1024)
+
+    @field_validator("address")
+    @classmethod
+    def _verp_room(cls, value: str | None) -> str | None:
+        from .tokens import VERP_TOKEN_CHARS
+
+        if value is None:
+            return None
+        local, at, domain = value.partition("@")
+        if not at or not local or not domain or any(c in value for c in " \t\r\n<>+"):
+            raise ValueError("must be a plain address like bounces@imag.example.org")
+        room = 64 - 1 - VERP_TOKEN_CHARS  # RFC 5321 §4.5.3.1.1: a local part of <= 64 octets
+        if len(local) > room:
+            raise ValueError(f"the part before @ must be at most {room} characters, to leave "
+                             "room for the token")
+        return value
+
+
+class MailboxSettings(Strict):
+    """The IMAP folder returned mail arrives in; the password comes from MAILER_MAILBOX_PASSWORD.
+
+    aioimaplib speaks implicit TLS (port 993) but not STARTTLS, so `tls` is `tls` or `none`,
+    and `none` is only accepted for a server on this machine (the login would cross the network
+    unencrypted otherwise)."""
+
+    host: str
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: Literal["tls", "none"] = "tls"
+    username: str
+    password: str | None = None  # only ever set from MAILER_MAILBOX_PASSWORD
+    folder: str = "INBOX"
+    # Processed mail is moved here; None: it stays and is flagged ($MailerProcessed, \Seen).
+    processed_folder: str | None = "Processed"
+    poll_s: float = Field(300.0, ge=5)
+    timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (993 if self.tls == "tls" else 143)
+
+
 class Settings(Strict):
     timezone: str = "Europe/Berlin"
     base_url: str = "http://127.0.0.1:8000"
@@ -151,6 +201,8 @@ class Settings(Strict):
     scheduler: SchedulerSettings = SchedulerSettings()
     web: WebSettings = WebSettings()
     lists: dict[str, ListSettings] = {}
+    bounces: BouncesSettings = BouncesSettings()
+    mailbox: MailboxSettings | None = None
     max_recipients: int = Field(1_000_000, ge=1)
 
     @field_validator("timezone")
@@ -261,6 +313,9 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, An
     if env.get("MAILER_SMTP_HOST") and "MAILER_SMTP_PORT" not in env:
         smtp["port"] = 465 if smtp.get("tls") == "tls" else 25
     data["smtp"] = smtp
+    mailbox = data.get("mailbox")
+    if env.get("MAILER_MAILBOX_PASSWORD") and isinstance(mailbox, dict):
+        data["mailbox"] = {**mailbox, "password": env["MAILER_MAILBOX_PASSWORD"]}
     web = data.get("web")
     if "MAILER_WEB_TRUSTED_PROXIES" in env and (web is None or isinstance(web, dict)):
         data["web"] = {**(web or {}), "trusted_proxies": env["MAILER_WEB_TRUSTED_PROXIES"]}
@@ -279,7 +334,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError(
             "secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
             path=path, line=located.line(("secret_key",)), field="secret_key")
-    for block in ("sender", "organisation", "smtp", "scheduler", "web", "lists"):
+    for block in ("sender", "organisation", "smtp", "scheduler", "web", "lists", "bounces",
+                  "mailbox"):
         value = located.data.get(block)
         if value is not None and not isinstance(value, dict):
             raise ConfigError(
@@ -290,6 +346,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError(
             "secrets belong in the environment: remove it and set MAILER_SMTP_PASSWORD",
             path=path, line=located.line(("smtp", "password")), field="smtp.password")
+    if "password" in (located.data.get("mailbox") or {}):
+        raise ConfigError(
+            "secrets belong in the environment: remove it and set MAILER_MAILBOX_PASSWORD",
+            path=path, line=located.line(("mailbox", "password")), field="mailbox.password")
     data = _env_overrides(located.data, env)
     try:
         settings = Settings.model_validate(data)

@@ -163,6 +163,7 @@ class Dispatcher:
         self._write_error: BaseException | None = None
         self._sent_now = 0
         self._started = 0
+        self._run_id = 0
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class Dispatcher:
             live.discard(self.worker)
 
     async def _run(self, run: q.Run) -> RunResult:
+        self._run_id = run.id
         recovered = await self._tx(lambda c: self._recover(c, run.id))
         if recovered:
             log.warning("run %s: %d rows were in flight when the last process stopped; "
@@ -184,7 +186,7 @@ class Dispatcher:
                         run.id, recovered, self.settings.smtp.pool_size)
         counts = await self._tx(lambda c: q.status_counts(c, run.id))
         total = sum(counts.values())
-        done = counts["sent"] + counts["failed"]
+        done = counts["sent"] + counts["failed"] + counts["bounced"]
         self.progress.update(done=done, total=total)
         while not self.stop.is_set() and not self._limit_reached():
             want = self.batch_size
@@ -293,7 +295,7 @@ class Dispatcher:
             return True
         try:
             result = await self.transport.send(Outgoing(
-                key=row.id, sender=self.settings.sender.address, recipient=row.email, data=data))
+                key=row.id, sender=self._return_path(row.id), recipient=row.email, data=data))
         except AuthenticationFailure as exc:
             self._auth_error = exc
             self.stop.set()
@@ -302,6 +304,10 @@ class Dispatcher:
         outcome = self._outcome(row, result, mid)
         await self._commit.submit([outcome])
         return outcome.status != DeliveryStatus.PENDING
+
+    def _return_path(self, delivery_id: int) -> str:
+        return return_path(self.settings, self.composer.tokens, run_id=self._run_id,
+                           delivery_id=delivery_id)
 
     def _outcome(self, row: q.Claimed, result: DeliveryResult, mid: str) -> q.Outcome:
         now = self.now()
@@ -358,6 +364,17 @@ class Dispatcher:
 @dataclass(frozen=True, slots=True)
 class _Failed(q.Outcome):
     suppress_key: str | None = None
+
+
+def return_path(settings: Settings, tokens: Tokens, *, run_id: int, delivery_id: int) -> str:
+    """The envelope sender of one delivery: with `bounces.address` a VERP address
+    `local+<token>@domain` whose token (tokens.py) names run and ledger row without revealing
+    the recipient, so returned mail is matched to its delivery (mailbox.py); else the sender."""
+    address = settings.bounces.address
+    if address is None:
+        return settings.sender.address
+    local, _, domain = address.rpartition("@")
+    return f"{local}+{tokens.verp(run_id, delivery_id)}@{domain}"
 
 
 def start_run(

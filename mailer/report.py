@@ -57,6 +57,7 @@ def build_report(store: Store, campaign_id: str, *, settings: Settings, failed: 
     tz = settings.tz
     out: dict[str, Any] = {"campaign": campaign_id, "runs": [], "totals": {}}
     totals: dict[str, int] = {}
+    returned: dict[str, int] = {}
     with store.engine.connect() as conn:
         for number, run in enumerate(q.runs_of(conn, campaign_id), start=1):
             counts = q.status_counts(conn, run.id)
@@ -71,6 +72,7 @@ def build_report(store: Store, campaign_id: str, *, settings: Settings, failed: 
                 "scheduled_at": local_iso(run.scheduled_at, tz),
                 "late_s": run.late_s,
                 "counts": counts,
+                "returned": returned_counts(conn, run.id),
                 "first_sent": local_iso(first, tz),
                 "last_sent": local_iso(last, tz),
                 "in_flight_recovered": run.in_flight_recovered,
@@ -84,8 +86,20 @@ def build_report(store: Store, campaign_id: str, *, settings: Settings, failed: 
             out["runs"].append(entry)
             for status, n in counts.items():
                 totals[status] = totals.get(status, 0) + n
+            for kind, n in entry["returned"].items():
+                returned[kind] = returned.get(kind, 0) + n
     out["totals"] = totals
+    out["returned"] = returned
     return out
+
+
+def returned_counts(conn: Connection, run_id: int) -> dict[str, int]:
+    """What came back for a run: bounced recipients (returned as a hard bounce, or refused
+    with 5.1.x during the run, as `mailer status` counts them), soft bounces, complaints and
+    unsubscribes by mail (mailbox.py)."""
+    kinds = q.returned_counts(conn, run_id)
+    return {"bounced": q.bounced_count(conn, run_id), "soft_bounced": kinds["soft_bounce"],
+            "complained": kinds["complaint"], "unsubscribed": kinds["unsubscribe"]}
 
 
 def print_report(data: dict[str, Any], *, tz: tzinfo) -> None:
@@ -113,5 +127,10 @@ def print_report(data: dict[str, Any], *, tz: tzinfo) -> None:
         for f in run.get("failed", []):
             code = f"{f['code']} " if f["code"] else ""
             click.echo(f"  failed {f['email']}: {code}{f['reason']}")
+        r = run["returned"]
+        click.echo(f"  returned: {r['bounced']} bounced, {r['soft_bounced']} soft bounces, "
+                   f"{r['complained']} complained, {r['unsubscribed']} unsubscribed by mail")
     t = data["totals"]
     click.echo("totals: " + ", ".join(f"{k} {v}" for k, v in t.items()))
+    r = data["returned"]
+    click.echo("returned: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r.items()))

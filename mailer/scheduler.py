@@ -783,10 +783,20 @@ class Runner:
             if dirty or force:
                 self.reconcile(scheduler)
 
+    def poll_mailbox(self) -> asyncio.Task[None] | None:
+        """Returned mail is read on its own interval while we lead (mailbox.py), when an IMAP
+        mailbox is configured."""
+        if self.settings.mailbox is None:
+            return None
+        from .mailbox import poll
+
+        return asyncio.create_task(poll(self.store, self.settings, self.stop))
+
     async def lead(self, leader: Leadership, *, once: bool) -> None:
         """Run the scheduler while we hold the lock (or, with once, until what is due is done)."""
         scheduler = self.make_scheduler()
         scheduler.start(paused=True)
+        poller: asyncio.Task[None] | None = None
         try:
             before = {job.id: job.name for job in scheduler.get_jobs()}
             await self.sync(scheduler, force=True)
@@ -798,6 +808,7 @@ class Runner:
                 while self.tasks and not self.stop.is_set():
                     await asyncio.wait(set(self.tasks))
                 return
+            poller = self.poll_mailbox()
             while not self.stop.is_set():
                 await heartbeat.beat(self.store)  # read by /metrics (mailer/heartbeat.py)
                 if await _wait(self.stop, self.settings.scheduler.poll_s):
@@ -807,6 +818,8 @@ class Runner:
                     break
                 await self.sync(scheduler)
         finally:
+            if poller is not None:
+                poller.cancel()
             if scheduler.running:
                 scheduler.pause()  # stop firing
             await self.finish_in_flight()

@@ -82,7 +82,7 @@ def _last_run(conn: Connection, runs: list[q.Run], tz: tzinfo) -> dict[str, Any]
             "finished": minute(run.finished_at, tz), "recipients": run.total,
             "sent": counts["sent"], "failed": counts["failed"],
             "waiting": counts["pending"] + counts["sending"],
-            "bounced": q.bounced_count(conn, run.id, since=run.created_at)}
+            "bounced": q.bounced_count(conn, run.id)}
 
 
 def _schedule(conn: Connection, campaign: Campaign, runs: list[q.Run], settings: Settings,

@@ -224,8 +224,9 @@ def _known_key(conn: Connection, email: str) -> str:
 
 
 def unsubscribe(conn: Connection, settings: Settings, *, email: str, list_name: str,
-                origin: Origin, now: datetime | None = None) -> bool:
-    """Leave one list (RFC 8058 one-click lands here). Returns False if already done."""
+                origin: Origin, now: datetime | None = None, detail: str = "") -> bool:
+    """Leave one list (RFC 8058 one-click lands here; so do complaints and mailto
+    unsubscribes, with their evidence in `detail`). Returns False if already done."""
     now = _utc(now)
     key = _known_key(conn, email)
     sub = find_subscriber(conn, key) if is_managed(settings, list_name) else None
@@ -235,10 +236,10 @@ def unsubscribe(conn: Connection, settings: Settings, *, email: str, list_name: 
         _set_status(conn, int(sub["id"]), list_name, MemberStatus.UNSUBSCRIBED,
                     proof="web", now=now)
     elif not q.suppress(conn, key, reason="unsubscribed", source=origin.source,
-                        list_name=list_name):
+                        list_name=list_name, detail=detail):
         return False  # a file list (or a managed address no longer stored): list suppression
     record_event(conn, key, ConsentEvent.UNSUBSCRIBED, origin=origin, list_name=list_name,
-                 now=now)
+                 detail=detail, now=now)
     return True
 
 

@@ -26,6 +26,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLS
 
 CONFIRM_MAX_AGE_S = 7 * 24 * 3600
 MAX_TOKEN_CHARS = 1024  # far above any real token; longer input is not even decoded
+VERP_TOKEN_CHARS = 42  # base32 of 10 bytes of ids + the 16-byte SIV tag, unpadded
 _SEP = "\x00"  # cannot occur in an address, a list name or a campaign id
 INVALID = "this link is not valid (altered or incomplete)"
 EXPIRED = "this confirmation link has expired; please subscribe again"
@@ -82,6 +83,30 @@ class Tokens:
         except (BadSignature, ValueError, TypeError):
             raise TokenError(INVALID) from None
         return ManageToken(str(email), str(list_name), str(campaign))
+
+    # -- the VERP return path (mailbox.py reads it back) -------------------------------------
+
+    def verp(self, run_id: int, delivery_id: int) -> str:
+        """The token in `bounces+<token>@domain`: run and ledger row, sealed like the others
+        but in lower-case base32, because some mail servers change the case of a local part
+        (RFC 5321 §2.4 lets them) and a local part holds at most 64 octets (§4.5.3.1.1): the
+        ids go as 4 + 6 bytes, so every token is VERP_TOKEN_CHARS long."""
+        plain = run_id.to_bytes(4, "big") + delivery_id.to_bytes(6, "big")
+        data = self._siv.encrypt(plain, [b"verp"])
+        return base64.b32encode(data).rstrip(b"=").decode("ascii").lower()
+
+    def read_verp(self, token: str) -> tuple[int, int]:
+        """(run id, ledger row id) of a VERP token; TokenError if it is not one of ours."""
+        if len(token) != VERP_TOKEN_CHARS:
+            raise TokenError(INVALID)
+        try:
+            padded = token.upper() + "=" * (-len(token) % 8)
+            data = self._siv.decrypt(base64.b32decode(padded), [b"verp"])
+        except (InvalidTag, ValueError, binascii.Error):
+            raise TokenError(INVALID) from None
+        if len(data) != 10:
+            raise TokenError(INVALID)
+        return int.from_bytes(data[:4], "big"), int.from_bytes(data[4:], "big")
 
     # -- double opt-in ------------------------------------------------------------------------
 

@@ -85,7 +85,8 @@ async def test_limit_then_resume_then_report(project: Project, fault_server) -> 
         a for a in addresses if a != "person7@example.org")
     code, out, _ = await mailer(project, server, "report", "crowd", "--json", "--failed")
     report = json.loads(out)
-    assert report["totals"] == {"pending": 0, "sending": 0, "sent": 29, "failed": 1}
+    assert report["totals"] == {"pending": 0, "sending": 0, "sent": 29, "failed": 1,
+                                "bounced": 0}
     (run,) = report["runs"]
     assert run["failures"][0]["code"] == 550
     assert run["failed"][0]["email"] == "person7@example.org"

@@ -62,7 +62,8 @@ async def test_every_recipient_gets_exactly_one_mail(project, fault_server):  # 
     received = Counter(m.rcpt_tos[0] for m in server.messages)
     assert set(received) == set(addresses)
     assert max(received.values()) == 1
-    assert result.counts == {"pending": 0, "sending": 0, "sent": 60, "failed": 0}
+    assert result.counts == {"pending": 0, "sending": 0, "sent": 60, "failed": 0,
+                             "bounced": 0}
     with store.engine.connect() as conn:
         run = q.get_run(conn, result.run.id)
         assert run.status == "finished" and run.total == 60
@@ -127,7 +128,8 @@ async def test_gives_up_after_max_attempts(project, fault_server):  # noqa: F811
     project.crowd(3, special={1: "busy@example.org"})
     server = await fault_server(Faults(rcpt={"busy@example.org": (451, "4.3.0 busy")}))
     _, store, result = await send_all(project, server, MAILER_SMTP_MAX_ATTEMPTS="3")
-    assert result.counts == {"pending": 0, "sending": 0, "sent": 2, "failed": 1}
+    assert result.counts == {"pending": 0, "sending": 0, "sent": 2, "failed": 1,
+                             "bounced": 0}
     assert server.rcpt_seen["busy@example.org"] == 3
     with store.engine.connect() as conn:
         (row,) = q.failed_rows(conn, result.run.id)
@@ -410,7 +412,8 @@ async def test_a_failed_ledger_write_stops_the_run_and_a_restart_recovers(
     with store.engine.connect() as conn:
         counts = q.status_counts(conn, run.id)
     # Delivered but not recorded: still `sending`; never started: back to `pending`.
-    assert counts == {"pending": 12 - delivered, "sending": delivered, "sent": 0, "failed": 0}
+    assert counts == {"pending": 12 - delivered, "sending": delivered, "sent": 0, "failed": 0,
+                      "bounced": 0}
     with store.engine.connect() as conn:
         attempts = {r.id: r.attempts for r in conn.execute(deliveries.select())}
     assert sorted(attempts.values()) == [0] * (12 - delivered) + [1] * delivered
@@ -576,7 +579,8 @@ async def test_a_4xx_after_data_is_retried_with_the_same_message_id_never_sent(
     project.crowd(3, special={1: "later@example.org"})
     server = await fault_server(Faults(data_reply={"later@example.org": (451, "4.3.0 later")}))
     _, store, result = await send_all(project, server, MAILER_SMTP_MAX_ATTEMPTS="3")
-    assert result.counts == {"pending": 0, "sending": 0, "sent": 2, "failed": 1}
+    assert result.counts == {"pending": 0, "sending": 0, "sent": 2, "failed": 1,
+                             "bounced": 0}
     tries = [m for m in server.data_seen if m.rcpt_tos == ["later@example.org"]]
     assert len(tries) == 3  # the whole message went out three times, refused each time
     ids = {email.message_from_bytes(m.content)["Message-ID"] for m in tries}

@@ -58,7 +58,8 @@ async def test_report_after_a_run_with_failures(project: Project, fault_server) 
                              claimed_by=f"{socket.gethostname()}:{ended.pid}:abcdef"))
     async with SmtpPool(settings.smtp) as pool:
         result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
-    assert result.counts == {"pending": 0, "sending": 0, "sent": 3, "failed": 4}
+    assert result.counts == {"pending": 0, "sending": 0, "sent": 3, "failed": 4,
+                             "bounced": 0}
 
     text = report(project, "crowd").splitlines()
     # The run's number within the campaign (1), not the database id; local times to the second.
@@ -74,7 +75,10 @@ async def test_report_after_a_run_with_failures(project: Project, fault_server) 
         "  1 × 554: 5.7.1 policy",
         "  1 × 451: gave up after 2 attempts: 4.3.0 busy",
         "  1 × no reply: not sent: the address is suppressed"])
-    assert text[7:] == ["totals: pending 0, sending 0, sent 3, failed 4"]
+    assert text[7:] == [
+        "  returned: 1 bounced, 0 soft bounces, 0 complained, 0 unsubscribed by mail",
+        "totals: pending 0, sending 0, sent 3, failed 4, bounced 0",
+        "returned: bounced 1, soft bounced 0, complained 0, unsubscribed 0"]
 
     failed = report(project, "crowd", "--failed").splitlines()
     assert sorted(line for line in failed if line.startswith("  failed ")) == sorted([
@@ -86,7 +90,8 @@ async def test_report_after_a_run_with_failures(project: Project, fault_server) 
 
     data = json.loads(report(project, "crowd", "--json", "--failed"))
     assert data["campaign"] == "crowd"
-    assert data["totals"] == {"pending": 0, "sending": 0, "sent": 3, "failed": 4}
+    assert data["totals"] == {"pending": 0, "sending": 0, "sent": 3, "failed": 4,
+                              "bounced": 0}
     (entry,) = data["runs"]
     assert (entry["run"], entry["occurrence"], entry["status"], entry["trigger"]) == (
         run.id, "20261203T0900", "finished", "scheduler")

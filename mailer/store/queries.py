@@ -12,10 +12,20 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .tables import DeliveryStatus, RunStatus, deliveries, runs, suppressions
+from .tables import (
+    DeliveryStatus,
+    ReturnedKind,
+    RunStatus,
+    deliveries,
+    returned_mails,
+    runs,
+    suppressions,
+)
 
 INSERT_CHUNK = 2000
 GLOBAL = "*"
+# Rows whose message the relay took: `bounced` ones went out too, and came back later.
+DELIVERED = (DeliveryStatus.SENT, DeliveryStatus.BOUNCED)
 HASH_PREFIX = "sha256:"
 T = TypeVar("T")
 
@@ -311,15 +321,18 @@ def status_counts(conn: Connection, run_id: int) -> dict[str, int]:
     return counts
 
 
-def bounced_count(conn: Connection, run_id: int, *, since: datetime) -> int:
-    """Recipients of a run whose address was suppressed for a bounce at or after `since` (the
-    run's start): a 5.1.x reply during the run, or returned mail read after it."""
+def bounced_count(conn: Connection, run_id: int) -> int:
+    """Recipients of a run whose mail bounced: rows returned later as a hard bounce (status
+    `bounced`, mailbox.py), and rows the relay refused with a 5xx for an address it then
+    suppressed for bouncing (5.1.x during the run). `status`, `report` and /metrics agree."""
     d, s = deliveries, suppressions
+    refused = select(s.c.id).where(
+        s.c.email_key == d.c.email_key, s.c.reason.like("%bounce%"),
+        or_(s.c.list_name == GLOBAL, s.c.list_name == d.c.list_name)).exists()
     return int(conn.execute(
-        select(func.count(func.distinct(d.c.id)))
-        .select_from(d.join(s, s.c.email_key == d.c.email_key))
-        .where(d.c.run_id == run_id, s.c.reason.like("%bounce%"), s.c.created_at >= since,
-               or_(s.c.list_name == GLOBAL, s.c.list_name == d.c.list_name))
+        select(func.count()).select_from(d).where(d.c.run_id == run_id, or_(
+            d.c.status == DeliveryStatus.BOUNCED,
+            and_(d.c.status == DeliveryStatus.FAILED, d.c.smtp_code >= 500, refused)))
     ).scalar() or 0)
 
 
@@ -336,7 +349,7 @@ def first_sent(conn: Connection, campaign_id: str) -> datetime | None:
     d = deliveries
     value = conn.execute(
         select(func.min(d.c.sent_at)).select_from(d.join(runs, runs.c.id == d.c.run_id))
-        .where(runs.c.campaign_id == campaign_id, d.c.status == DeliveryStatus.SENT)
+        .where(runs.c.campaign_id == campaign_id, d.c.status.in_(DELIVERED))
     ).scalar()
     return as_utc(value)
 
@@ -347,7 +360,7 @@ def sent_campaigns(conn: Connection) -> list[tuple[str, datetime]]:
     first = func.min(d.c.sent_at)
     rows = conn.execute(
         select(runs.c.campaign_id, first).select_from(d.join(runs, runs.c.id == d.c.run_id))
-        .where(d.c.status == DeliveryStatus.SENT).group_by(runs.c.campaign_id)
+        .where(d.c.status.in_(DELIVERED)).group_by(runs.c.campaign_id)
         .order_by(first.desc())
     ).all()
     return [(str(r[0]), as_utc(r[1]) or utcnow()) for r in rows]
@@ -446,3 +459,117 @@ def suppressed_among(conn: Connection, pairs: Sequence[tuple[str, str]]) -> set[
 def list_suppressions(conn: Connection) -> list[dict[str, Any]]:
     rows = conn.execute(select(suppressions).order_by(suppressions.c.created_at))
     return [dict(r._mapping) for r in rows]
+
+
+# --- returned mail (mailbox.py) -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A ledger row as returned mail is matched to it."""
+
+    id: int
+    run_id: int
+    campaign_id: str
+    email: str
+    email_key: str
+    list_name: str
+    status: str
+    message_id: str | None
+
+
+def _delivery_query() -> Any:
+    d = deliveries
+    return select(d.c.id, d.c.run_id, runs.c.campaign_id, d.c.email, d.c.email_key,
+                  d.c.list_name, d.c.status, d.c.message_id).join(runs, runs.c.id == d.c.run_id)
+
+
+def delivery(conn: Connection, delivery_id: int) -> Delivery | None:
+    row = conn.execute(_delivery_query().where(deliveries.c.id == delivery_id)).first()
+    return Delivery(*row) if row else None
+
+
+def delivery_by_message_id(conn: Connection, message_id: str) -> Delivery | None:
+    row = conn.execute(_delivery_query().where(deliveries.c.message_id == message_id)
+                       .order_by(deliveries.c.id).limit(1)).first()
+    return Delivery(*row) if row else None
+
+
+def latest_delivery(conn: Connection, *, campaign_id: str, email_key: str, list_name: str
+                    ) -> Delivery | None:
+    """The newest row that mailed this address from this list in this campaign."""
+    d = deliveries
+    row = conn.execute(_delivery_query().where(
+        runs.c.campaign_id == campaign_id, d.c.email_key == email_key,
+        d.c.list_name == list_name, d.c.status.in_(DELIVERED)).order_by(d.c.id.desc()).limit(1)
+    ).first()
+    return Delivery(*row) if row else None
+
+
+def was_mailed(conn: Connection, email_keys: Collection[str]) -> bool:
+    """Did any run mail one of these addresses?"""
+    if not email_keys:
+        return False
+    return conn.execute(select(deliveries.c.id).where(
+        deliveries.c.email_key.in_(list(email_keys))).limit(1)).first() is not None
+
+
+def mark_bounced(conn: Connection, delivery_id: int, *, code: int | None, reason: str) -> bool:
+    """A sent row came back as a hard bounce; False if it was already marked (or not sent)."""
+    d = deliveries
+    return bool(conn.execute(
+        update(d).where(d.c.id == delivery_id, d.c.status == DeliveryStatus.SENT)
+        .values(status=DeliveryStatus.BOUNCED, smtp_code=code, smtp_text=reason[:500],
+                updated_at=utcnow())).rowcount)
+
+
+def record_returned(conn: Connection, *, mail_key: str, source: str, kind: ReturnedKind,
+                    matched_by: str = "", run_id: int | None = None,
+                    delivery_id: int | None = None, list_name: str = "", action: str = "",
+                    detail: str = "", now: datetime | None = None) -> bool:
+    """Note a mail as read; False if it was read before (then nothing else may happen)."""
+    stmt = _insert(conn, returned_mails).values(
+        mail_key=mail_key, received_at=now or utcnow(), source=source[:16], kind=kind,
+        matched_by=matched_by, run_id=run_id, delivery_id=delivery_id,
+        list_name=list_name[:80], action=action[:32], detail=detail[:500],
+    ).on_conflict_do_nothing(index_elements=["mail_key"]).returning(returned_mails.c.id)
+    return conn.execute(stmt).first() is not None
+
+
+def set_returned_action(conn: Connection, mail_key: str, action: str) -> None:
+    conn.execute(update(returned_mails).where(returned_mails.c.mail_key == mail_key)
+                 .values(action=action[:32]))
+
+
+def soft_bounces(conn: Connection, email_key: str, *, since: datetime) -> int:
+    """Soft bounces of mail to this address read since `since` (any run, any list)."""
+    r, d = returned_mails, deliveries
+    return int(conn.execute(
+        select(func.count()).select_from(r.join(d, d.c.id == r.c.delivery_id))
+        .where(d.c.email_key == email_key, r.c.kind == ReturnedKind.SOFT_BOUNCE,
+               r.c.received_at >= since)).scalar() or 0)
+
+
+def returned_counts(conn: Connection, run_id: int) -> dict[str, int]:
+    """Returned mail matched to a run, by kind (every kind present, 0 when none)."""
+    r = returned_mails
+    rows = conn.execute(select(r.c.kind, func.count()).where(r.c.run_id == run_id)
+                        .group_by(r.c.kind)).all()
+    counts = {k.value: 0 for k in ReturnedKind}
+    counts.update({str(kind): int(n) for kind, n in rows})
+    return counts
+
+
+def recent_returned(conn: Connection, *, limit: int = 50, kinds: Collection[str] = ()
+                    ) -> list[dict[str, Any]]:
+    """The newest returned mails with the address and campaign of their delivery, if any."""
+    r, d = returned_mails, deliveries
+    stmt = (select(r.c.id, r.c.received_at, r.c.source, r.c.kind, r.c.matched_by, r.c.run_id,
+                   r.c.list_name, r.c.action, r.c.detail, d.c.email, runs.c.campaign_id)
+            .select_from(r.outerjoin(d, d.c.id == r.c.delivery_id)
+                         .outerjoin(runs, runs.c.id == r.c.run_id))
+            .order_by(r.c.id.desc()).limit(limit))
+    if kinds:
+        stmt = stmt.where(r.c.kind.in_(list(kinds)))
+    return [{**dict(row._mapping), "received_at": as_utc(row.received_at)}
+            for row in conn.execute(stmt)]

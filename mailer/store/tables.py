@@ -38,6 +38,19 @@ class DeliveryStatus(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    BOUNCED = "bounced"  # sent, then returned as a hard bounce (mailbox.py); final
+
+
+class ReturnedKind(enum.StrEnum):
+    """What a mail in the bounce mailbox is (bounces.py)."""
+
+    HARD_BOUNCE = "hard_bounce"  # RFC 3464 Action: failed, status 5.x.x; a permanent text bounce
+    SOFT_BOUNCE = "soft_bounce"  # Action: delayed, or a 4.x.x status; a temporary text bounce
+    COMPLAINT = "complaint"  # RFC 5965 ARF feedback report (abuse, fraud)
+    UNSUBSCRIBE = "unsubscribe"  # to the List-Unsubscribe mailto: address, with our token
+    AUTO_REPLY = "auto_reply"  # out of office and the like (RFC 3834): left alone
+    REPLY = "reply"  # anything else, a person writing back: left alone
+    REPORT = "report"  # another report (not-spam, auth-failure, …): left alone
 
 
 runs = Table(
@@ -82,6 +95,7 @@ deliveries = Table(
     Column("updated_at", DateTime(timezone=True)),
     UniqueConstraint("run_id", "email_key", name="uq_deliveries_recipient"),
     Index("ix_deliveries_claim", "run_id", "status", "next_attempt_at", "id"),
+    Index("ix_deliveries_message_id", "message_id"),  # migration 0004: matching returned mail
 )
 
 suppressions = Table(
@@ -95,4 +109,27 @@ suppressions = Table(
     Column("detail", String(500), nullable=False, default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("email_key", "list_name", name="uq_suppressions_key"),
+)
+
+# One row per mail read from the bounce mailbox: makes reading it again change nothing
+# (`mail_key`: sha256 of its Message-ID, or of its bytes when it has none) and is what
+# `mailer bounces list` and `mailer report` show. No address: the delivery row holds it, and
+# `forget` re-keys that one.
+returned_mails = Table(
+    "returned_mails",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("mail_key", String(64), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("source", String(16), nullable=False, default=""),  # maildir | mbox | imap
+    Column("kind", String(16), nullable=False),  # ReturnedKind
+    Column("matched_by", String(16), nullable=False, default=""),  # verp | message-id | …
+    Column("run_id", Id, ForeignKey("runs.id", ondelete="SET NULL")),
+    Column("delivery_id", Id, ForeignKey("deliveries.id", ondelete="SET NULL")),
+    Column("list_name", String(80), nullable=False, default=""),
+    Column("action", String(32), nullable=False, default=""),  # what was done
+    Column("detail", String(500), nullable=False, default=""),  # the evidence, no address
+    UniqueConstraint("mail_key", name="uq_returned_mails_key"),
+    Index("ix_returned_mails_delivery", "delivery_id", "kind"),
+    Index("ix_returned_mails_run", "run_id", "kind"),
 )
