@@ -217,14 +217,7 @@ class Snippets:
             raise self.campaign.error(problem, *loc)
 
     def template(self, compiled: str, *, autoescape: bool) -> jinja2.Template:
-        parts: list[str] = []
-        last = 0
-        for match in PLACEHOLDER_RE.finditer(compiled):
-            parts.append(_raw(compiled[last : match.start()]))
-            parts.append(self.sources[int(match.group(1))])
-            last = match.end()
-        parts.append(_raw(compiled[last:]))
-        return self.compile("".join(parts), (), autoescape=autoescape)
+        return self.compile(_stage2_source(compiled, self.sources), (), autoescape=autoescape)
 
     def compile(self, source: str, loc: tuple[str | int, ...], *,
                 autoescape: bool) -> jinja2.Template:
@@ -238,6 +231,19 @@ class Snippets:
         if problem:
             raise self.campaign.error(problem, *loc)
         return env.from_string(ast)
+
+
+def _stage2_source(compiled: str, sources: list[str]) -> str:
+    """Compiled HTML or text as a stage-2 template: literal everywhere, except that each
+    placeholder becomes the Jinja source it stands for."""
+    parts: list[str] = []
+    last = 0
+    for match in PLACEHOLDER_RE.finditer(compiled):
+        parts.append(_raw(compiled[last : match.start()]))
+        parts.append(sources[int(match.group(1))])
+        last = match.end()
+    parts.append(_raw(compiled[last:]))
+    return "".join(parts)
 
 
 def _raw(literal: str) -> str:
@@ -324,16 +330,7 @@ def _render_language(campaign: Campaign, settings: Settings, lang: str) -> LangR
         "campaign": {"id": campaign.id, "template": campaign.template},
         "sender": {"name": settings.sender.name, "address": settings.sender.address},
     }
-    mjml_source = _mrml_safe(_render_layout(campaign, settings, context))
-    try:
-        html = mjml2html(mjml_source, disable_comments=True)
-    except ValueError as exc:
-        raise TemplateError(
-            f"MJML did not compile for language '{lang}': {exc} (check the layout and any HTML "
-            "in the text blocks)",
-            path=settings.templates_dir / f"{campaign.template}.mjml.j2",
-        ) from None
-    html = htmlcraft.finish(html)  # landmarks, <body lang dir>, inlined text styles
+    html = _compile(settings, campaign.template, context)
     text = text_part(context, org=org, t=t)
     subject_src = content.subject
     return LangRendition(
@@ -370,8 +367,22 @@ _MRML_UNSAFE = re.compile(
 )
 
 
-def _render_layout(campaign: Campaign, settings: Settings, context: dict[str, Any]) -> str:
-    name = f"{campaign.template}.mjml.j2"
+def _compile(settings: Settings, template: str, context: dict[str, Any]) -> str:
+    """Layout → MJML → HTML with landmarks, <body lang dir> and inlined text styles."""
+    mjml_source = _mrml_safe(_render_layout(template, settings, context))
+    try:
+        html = mjml2html(mjml_source, disable_comments=True)
+    except ValueError as exc:
+        raise TemplateError(
+            f"MJML did not compile for language '{context['lang']}': {exc} (check the layout "
+            "and any HTML in the text blocks)",
+            path=settings.templates_dir / f"{template}.mjml.j2",
+        ) from None
+    return htmlcraft.finish(html)
+
+
+def _render_layout(template: str, settings: Settings, context: dict[str, Any]) -> str:
+    name = f"{template}.mjml.j2"
     try:
         return _stage1(settings.templates_dir).get_template(name).render(context)
     except jinja2.TemplateSyntaxError as exc:
@@ -525,11 +536,12 @@ def text_part(context: dict[str, Any], *, org: dict[str, Any], t: dict[str, str]
     for block in context["blocks"]:
         out += list(_text_block(block, t)) + [""]
     out += ["-" * 40]
-    out += [f"{t.get('view_online', 'Online')}: {context['links']['view_online']}"]
-    out += [f"{t.get('preferences', 'Preferences')}: {context['links']['preferences']}"]
-    out += [f"{t.get('unsubscribe', 'Unsubscribe')}: {context['links']['unsubscribe']}", ""]
-    if t.get("why"):
-        out += [_wrap(t["why"]), ""]
+    if not context.get("transactional"):  # a system mail: the reader is not subscribed
+        out += [f"{t.get('view_online', 'Online')}: {context['links']['view_online']}"]
+        out += [f"{t.get('preferences', 'Preferences')}: {context['links']['preferences']}"]
+        out += [f"{t.get('unsubscribe', 'Unsubscribe')}: {context['links']['unsubscribe']}", ""]
+        if t.get("why"):
+            out += [_wrap(t["why"]), ""]
     out += [t.get("impressum", "Impressum"), org["name"], org["department"], org["body"],
             org["street"], f"{org['postcode']} {org['city']}", org["email"]]
     out += [x for x in (org.get("website"), org.get("responsible") and
@@ -825,3 +837,65 @@ def _field_using(campaign: Campaign, lang: str, name: str) -> tuple[str | int, .
         if name and name in block.model_dump_json():
             return ("content", lang, "blocks", i, block.kind)
     return ("content", lang)
+
+
+# --- system mails (the double opt-in confirmation) ------------------------------------------
+
+
+class Fields:
+    """The per-mail values of a system mail, by name: `fields["url"]` is what stage 1 renders
+    (an opaque placeholder); the value itself is given to `SystemMail.fill`, as data."""
+
+    def __init__(self, *names: str) -> None:
+        if not all(n.isidentifier() for n in names):
+            raise ValueError(f"field names must be identifiers: {names}")
+        self.names = names
+
+    def __getitem__(self, name: str) -> str:
+        return PLACEHOLDER.format(self.names.index(name))
+
+
+@dataclass(frozen=True)
+class SystemMail:
+    """A system mail of one language, compiled once: stage-2 templates whose only live parts
+    are its fields, so a mail costs a template fill, not an MJML compile."""
+
+    lang: str
+    dir: str
+    html: jinja2.Template
+    text: jinja2.Template
+
+    def fill(self, values: Mapping[str, str]) -> tuple[str, str]:
+        """(html, text) for one mail. A value is data, never template source: escaped in the
+        HTML, as it is in the text."""
+        return self.html.render(values), self.text.render(values)
+
+
+def render_system_mail(settings: Settings, template: str, context: dict[str, Any],
+                       fields: Fields) -> SystemMail:
+    """`templates/<template>.mjml.j2` through the campaign pipeline (MJML, htmlcraft.finish,
+    text_part, Impressum) with `transactional: true`: the header and footer leave out the
+    view-online, preferences and unsubscribe links and the why-line, and so does the text part.
+    `context` needs lang, dir, subject, preheader and blocks (for the text part)."""
+    lang = context["lang"]
+    t = ui_strings(settings, lang)
+    org = settings.organisation.model_dump()
+    context = {**context, "t": t, "org": org, "transactional": True}
+    html = _compile(settings, template, context)
+    text = text_part(context, org=org, t=t)
+    sources = [f"{{{{ {name} }}}}" for name in fields.names]
+    return SystemMail(
+        lang=lang,
+        dir=context["dir"],
+        html=_stage2(True).from_string(_stage2_source(html, sources)),
+        text=_stage2(False).from_string(_stage2_source(text, sources)),
+    )
+
+
+def templates_stamp(templates_dir: Path) -> int:
+    """The newest modification time under templates/: a cache keyed by it sees every edit."""
+    try:
+        return max((p.stat().st_mtime_ns for p in templates_dir.rglob("*") if p.is_file()),
+                   default=0)
+    except OSError:
+        return 0

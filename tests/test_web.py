@@ -136,6 +136,13 @@ async def test_subscribe_confirm_and_confirm_again(site: Site):
     assert msg["Content-Language"] == "tr" and msg["Message-ID"] and msg["Date"]
     assert msg.get_content_type() == "multipart/alternative"
     (url,) = site.confirmation_urls()
+    # The branded mail of the templates (tests/test_confirmation_mail.py has the details):
+    # the same link on the button and in the text part, the Impressum, no unsubscribe.
+    html = msg.get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
+    assert f'href="{url}"' in html and "Aboneliği onayla" in html  # the button, in Turkish
+    assert 'lang="tr"' in html and "Künye" in html and site.settings.organisation.street in html
+    assert msg["List-Unsubscribe"] is None and "/unsubscribe/" not in html
+    assert msg["Auto-Submitted"] == "auto-generated"
 
     confirmed = await site.confirm(url)
     assert confirmed.status_code == 200 and 'lang="tr"' in confirmed.text
