@@ -310,3 +310,57 @@ def test_a_stored_trigger_from_before_the_expression_was_kept() -> None:
     trigger.__setstate__(state)
     assert (trigger.expr, trigger.fixed_hours) == ("", True)
     assert clock(sequence(trigger, FALL)) == clock(promised("*/5 2 * * *", FALL))
+
+
+@pytest.mark.parametrize(("field", "names"), [
+    ("1,3,5", "mon,wed,fri"), ("0", "sun"), ("7", "sun"), ("0,7", "sun"), ("3", "wed"),
+    ("1-5", "mon,tue,wed,thu,fri"), ("1-5/2", "mon,wed,fri"), ("*/2", "sun,tue,thu,sat"),
+    ("5/1", "fri,sat,sun"), ("0-6", "*"), ("1-7", "*"), ("*", "*"), ("mon-fri", "mon-fri"),
+])
+def test_crontab_weekdays_in_apschedulers_names(field: str, names: str) -> None:
+    from mailer.triggers import crontab_weekdays
+
+    assert crontab_weekdays(field) == names
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    ("mon,1", "mixing names and numbers in the weekday field ('mon,1')"),
+    ("8", "weekday '8' is out of range (0-7, 0 and 7 are Sunday)"),
+    ("5-3", "weekday '5-3' is out of range"),
+    ("1-9/2", "weekday '1-9/2' is out of range"),
+])
+def test_crontab_weekdays_refused_with_a_sentence(field: str, message: str) -> None:
+    from mailer.triggers import crontab_weekdays
+
+    with pytest.raises(ValueError) as caught:
+        crontab_weekdays(field)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(("expr", "message"), [
+    ("0 9 * *", "wrong number of fields; got 4, expected 5"),
+    ("0 9 1 * 1", "restrict either the day of month or the weekday, not both (crontab would "
+                  "fire when either matches); use two campaigns if you need both"),
+])
+def test_crontab_expressions_refused_with_a_sentence(expr: str, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        cron_trigger(expr, BERLIN)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(("expr", "first"), [
+    ("0 9 1 * *", datetime(2026, 12, 1, 9, 0)),     # day of month
+    ("0 9 * 12 *", datetime(2026, 12, 1, 9, 0)),    # month
+    ("30 8 15 3 *", datetime(2027, 3, 15, 8, 30)),  # both
+    ("0 * * 1 *", datetime(2027, 1, 1, 0, 0)),      # any hour, in one month
+])
+def test_day_and_month_fields_are_read(expr: str, first: datetime) -> None:
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=BERLIN)
+    nxt = cron_trigger(expr, BERLIN).get_next_fire_time(None, now)
+    assert nxt is not None and nxt.replace(tzinfo=None) == first
+    assert nxt.tzinfo is BERLIN  # in the configured zone, as APScheduler's own triggers answer
+
+
+def test_a_cron_that_never_matches_has_no_next_fire() -> None:
+    now = datetime(2026, 11, 28, 12, 0, tzinfo=BERLIN)
+    assert cron_trigger("0 9 30 2 *", BERLIN).get_next_fire_time(None, now) is None
