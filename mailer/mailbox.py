@@ -157,8 +157,15 @@ def _file_item(file: Path, *, max_bytes: int) -> Item:
 
 
 def _too_big(size: int, max_bytes: int) -> str:
-    return (f"skipped: {size / 1048576:.1f} MB is more than the {max_bytes / 1048576:.0f} MB "
-            "a returned mail may have (bounces.max_message_bytes); it was left as it is")
+    return (f"skipped: {_amount(size, exact=False)} is more than the {_amount(max_bytes)} a "
+            "returned mail may have (bounces.max_message_bytes); it was left as it is")
+
+
+def _amount(n: int, *, exact: bool = True) -> str:
+    """50.0 MB, 10 MB, 98 KB: sizes as the operator set and reads them."""
+    if n < 1 << 20:
+        return f"{n / 1024:.0f} KB"
+    return f"{n / (1 << 20):.0f} MB" if exact and n % (1 << 20) == 0 else f"{n / (1 << 20):.1f} MB"
 
 
 def _mbox(path: Path, *, max_bytes: int) -> Iterator[Item]:
