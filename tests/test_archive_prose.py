@@ -114,3 +114,18 @@ async def test_the_archives_unsubscribe_link_leads_to_a_page_that_says_how(
             assert response.status_code == 200 and words in response.text
             mailto = re.search(r'href="mailto:([^"?]+)\?subject=', response.text)
             assert mailto and mailto.group(1) == project.settings().unsubscribe_mailto
+
+
+async def test_a_test_send_never_makes_a_campaign_public(project: Project,
+                                                         site: Site) -> None:  # noqa: F811
+    from mailer.checks import check_campaign
+    from mailer.sending import test_send
+
+    project.list_file("people.csv", PEOPLE)
+    path = project.campaign("draft.yaml", ADDRESSED)
+    settings = project.settings(MAILER_SMTP_HOST=site.server.host,
+                                MAILER_SMTP_PORT=str(site.server.port))
+    results = await test_send(check_campaign(path, settings), settings, ["staff@example.org"])
+    assert [sent for _, sent, _ in results] == [True] and len(site.server.messages) == 1
+    assert (await site.client.get("/archive/draft")).status_code == 404
+    assert "/archive/draft" not in (await site.client.get("/archive")).text
