@@ -27,7 +27,7 @@ from mailer.store import queries as q
 from mailer.store.subscriber_tables import consent_events
 from mailer.store.tables import deliveries, returned_mails, suppressions
 from mailer.tokens import Tokens
-from tests.conftest import Project
+from tests.conftest import Project, both_databases
 from tests.helpers import run_mailer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bounces"
@@ -249,6 +249,7 @@ async def test_replies_and_other_reports_are_left_alone(world: World, name: str,
 # --- reading twice, hostile input, bad input ----------------------------------------------
 
 
+@both_databases
 async def test_reading_the_same_mail_twice_changes_nothing(world: World, tmp_path: Path) -> None:
     world.mail("gmail-dsn-hard.eml")
     world.mail("dsn-delayed.eml", rcpt="person1@example.org")
@@ -351,6 +352,7 @@ async def test_bad_input_is_one_sentence_each_and_the_rest_is_read(world: World,
     assert set(_suppressed(world)) == {("person0@example.org", "*")}
 
 
+@both_databases
 async def test_one_transaction_per_mail_nothing_half_applied(world: World,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
@@ -374,6 +376,7 @@ async def test_one_transaction_per_mail_nothing_half_applied(world: World,
     assert _status(world, "person0@example.org")[0] == "bounced"
 
 
+@both_databases
 async def test_report_status_and_bounces_list_count_it(world: World, project: Project) -> None:
     world.mail("gmail-dsn-hard.eml")
     world.mail("arf-yahoo.eml", rcpt="person1@example.org")
@@ -393,6 +396,11 @@ async def test_report_status_and_bounces_list_count_it(world: World, project: Pr
     status = json.loads(run_mailer(project, "status", "--json").stdout)
     (crowd,) = [c for c in status["campaigns"] if c["campaign"] == "crowd"]
     assert crowd["last_run"]["bounced"] == 1
+    from mailer.metrics import render
+
+    metrics = render(world.store).decode()  # type: ignore[arg-type]
+    assert 'mailer_deliveries{status="bounced"} 1.0' in metrics
+    assert 'mailer_bounces{reason="hard_bounce"} 1.0' in metrics
     listed = json.loads(run_mailer(project, "bounces", "list", "--json").stdout)
     assert [r["kind"] for r in listed] == ["reply", "soft_bounce", "unsubscribe", "complaint",
                                            "hard_bounce"]
