@@ -88,5 +88,5 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
         logging.basicConfig(level=level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    for noisy in ("apscheduler", "alembic"):
+    for noisy in ("apscheduler", "alembic", "flufl.bounce"):  # flufl: every detector at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
