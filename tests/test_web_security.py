@@ -207,3 +207,40 @@ def test_sliding_window() -> None:
     assert window.allow("b") and window.allow("c")  # "a" is the oldest client: forgotten
     assert window.allow("a")
     assert window.limit == 2 and window.window_s == 10 and window.max_clients == 2
+
+
+async def test_a_trusted_proxy_can_say_http_too() -> None:
+    """X-Forwarded-Proto: http from our proxy turns an https scope into http (and back)."""
+    xff = (b"x-forwarded-for", b"203.0.113.7")
+    for raw, said in (("https", b"http"), ("http", b"https")):
+        scope = {**http("127.0.0.1", xff, (b"x-forwarded-proto", said)), "scheme": raw}
+        seen, _ = await call(proxied(trusted=TRUSTED), scope)
+        assert seen["scheme"] == said.decode()
+
+
+async def test_security_headers_pass_other_scopes_through_untouched() -> None:
+    """Lifespan (and websocket) messages reach the app with the server's own receive."""
+    got: list[dict] = []
+    sent: list[dict] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        got.append(await receive())
+        await send({"type": "lifespan.startup.complete"})
+
+    async def receive() -> dict:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await SecurityHeaders(app, hsts=True)({"type": "lifespan"}, receive, send)
+    assert got == [{"type": "lifespan.startup"}]
+    assert sent == [{"type": "lifespan.startup.complete"}]  # no headers added to it
+
+
+def test_the_sliding_window_keeps_exactly_max_clients() -> None:
+    window = SlidingWindow(limit=1, window_s=60, max_clients=2, clock=lambda: 0.0)
+    assert window.allow("a") and window.allow("b")
+    assert not window.allow("a")  # two clients fit: "a" is still counted
+    # a third pushes out the least recently seen ("b"; "a" was just seen, though refused)
+    assert window.allow("c") and not window.allow("a") and window.allow("b")
