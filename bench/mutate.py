@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORE: dict[str, tuple[str, list[str]]] = {
     "dispatch": ("mailer/dispatch.py", ["tests/test_dispatch.py"]),
     "transport": ("mailer/transport.py", ["tests/test_transport.py", "tests/test_dispatch.py"]),
-    "compose": ("mailer/compose.py", ["tests/test_compose.py", "tests/test_render.py",
+    "compose": ("mailer/compose.py", ["tests/test_compose.py", "tests/test_calendar.py",
                                       "tests/test_trust_privacy.py"]),
     # Only the tests that pin the module's own promises: a scheduler test reaching a trigger
     # costs seconds per mutant and kills nothing test_triggers does not.
