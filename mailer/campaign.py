@@ -386,10 +386,14 @@ def json_schema(templates: list[str] | None = None) -> dict[str, Any]:
     return schema
 
 
+NOT_LAYOUTS = frozenset({"base", "blocks", "confirmation"})  # shared parts; the opt-in mail
+
+
 def template_names(settings: Settings) -> list[str]:
-    """The layouts a campaign can name: templates/<name>.mjml.j2 but the shared base and blocks."""
-    return sorted(p.name.removesuffix(".mjml.j2") for p in settings.templates_dir.glob("*.mjml.j2")
-                  if p.name not in ("base.mjml.j2", "blocks.mjml.j2"))
+    """The layouts a campaign can name: templates/<name>.mjml.j2 but the shared base and blocks
+    and the double opt-in mail's own layout."""
+    return sorted(name for p in settings.templates_dir.glob("*.mjml.j2")
+                  if (name := p.name.removesuffix(".mjml.j2")) not in NOT_LAYOUTS)
 
 
 def load_campaign(
@@ -428,7 +432,7 @@ def _check_references(
 
     problems: list[CampaignError] = []
     template = settings.templates_dir / f"{campaign.template}.mjml.j2"
-    if not template.is_file():
+    if campaign.template in NOT_LAYOUTS or not template.is_file():
         layouts = template_names(settings)
         hint = closest(campaign.template, layouts)
         problems.append(campaign.error(

@@ -123,6 +123,14 @@ def test_nothing_written_on_bad_preview(project: Project, tmp_path: Path) -> Non
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("name", ["base", "blocks", "confirmation"])
+def test_shared_parts_and_the_opt_in_layout_are_no_campaign_templates(
+        project: Project, name: str) -> None:
+    project.campaign("c.yaml", GOOD.replace("template: newsletter", f"template: {name}"))
+    result = mailer_cli(project, "validate", "c")
+    assert result.returncode == 1 and f"unknown template '{name}'" in result.stderr
+
+
 def test_preview_for_an_address_not_on_the_lists_says_so(project: Project,
                                                            tmp_path: Path) -> None:
     project.campaign("c.yaml", GOOD)
