@@ -307,3 +307,108 @@ def test_each_part_takes_the_smaller_transfer_encoding(project: Project) -> None
             assert parts == ("base64", "quoted-printable")
         else:
             assert parts == ("quoted-printable", "quoted-printable")
+
+
+# --- pinned by mutation testing -------------------------------------------------------------
+
+
+def test_a_message_without_attachments_is_one_alternative(project: Project) -> None:
+    project.campaign("plain.yaml", CAMPAIGN)
+    settings = project.settings()
+    checked = check_campaign(settings.campaigns_dir / "plain.yaml", settings,
+                             with_audience=False)
+    data = Composer(checked.rendition, settings, tokens=Tokens(settings.secret())).compose(
+        Recipient("a@example.org", "Anna", "de", list="partners"), message_id="<p@b>").data
+    head, _, body = data.partition(b"\r\n\r\n")
+    boundary = re.search(rb'Content-Type: multipart/alternative; boundary="(=_alt_[0-9a-f]+)"',
+                         head)
+    assert boundary is not None and b"=_mix_" not in data
+    assert body.startswith(b"--" + boundary.group(1) + b"\r\n")
+    assert data.endswith(b"--" + boundary.group(1) + b"--\r\n")
+
+
+def test_links_carry_the_language_of_the_mail(project: Project) -> None:
+    project.campaign("two.yaml", CAMPAIGN + "  tr:\n    subject: Merhaba\n    blocks:\n"
+                     "      - text: \"[Çevrimiçi]({{ links.view_online }}) ve "
+                     "[ayarlar]({{ links.preferences }})\"\n")
+    settings = project.settings()
+    checked = check_campaign(settings.campaigns_dir / "two.yaml", settings, with_audience=False)
+    tokens = Tokens(settings.secret())
+    composer = Composer(checked.rendition, settings, tokens=tokens)
+    ayse = Recipient("ayse@example.org", "Ayşe", "tr", list="partners")
+    links = composer.links(ayse)
+    token = tokens.manage("ayse@example.org", "partners", "two")
+    base = settings.base_url
+    assert (links.unsubscribe, links.preferences, links.view_online) == (
+        f"{base}/unsubscribe/{token}", f"{base}/preferences/{token}", f"{base}/archive/two")
+    assert composer.links(ayse, "tr").view_online == f"{base}/archive/two?lang=tr"
+    msg = email.message_from_bytes(composer.compose(ayse, message_id="<l@b>").data,
+                                   policy=email.policy.default)
+    text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert f"{base}/archive/two?lang=tr" in text and f"{base}/preferences/{token}" in text
+
+
+def test_control_characters_become_single_spaces() -> None:
+    from mailer.compose import _clean
+
+    assert _clean("a\nb\r\nc\x7fd\te") == "a b  c d e"
+    assert _clean("ohne Steuerzeichen: !~") == "ohne Steuerzeichen: !~"
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126),
+                              min_size=1, max_size=30), min_size=1, max_size=25))
+def test_long_ascii_headers_fold_between_words_and_unfold_to_the_value(words: list[str]) -> None:
+    value = " ".join(words)
+    header = encode_header("Subject", value).decode("ascii")
+    if "=?" in value:  # would be decoded by a reader: must go as encoded words instead
+        assert header.startswith("Subject: =?utf-8?q?")
+        return
+    lines = header.split("\r\n")
+    assert all(len(line) <= 78 for line in lines), lines  # every word is short enough to fit
+    assert all(line.startswith(" ") for line in lines[1:])
+    assert "".join(lines) == f"Subject: {value}"  # unfolding removes only the CRLFs
+    assert len(lines) == 1 or len(lines[0]) + 1 + len(lines[1].split(" ")[1]) > 78
+
+
+def test_an_ascii_value_that_looks_encoded_is_encoded() -> None:
+    value = "Rabatt =?utf-8?q?Gratis?= nur heute"
+    header = encode_header("Subject", value)
+    assert header.startswith(b"Subject: =?utf-8?q?")
+    parsed = email.message_from_bytes(header + b"\r\n\r\n", policy=email.policy.default)
+    assert parsed["Subject"] == value
+
+
+def test_quoted_printable_has_crlf_line_ends_whatever_came_in() -> None:
+    import binascii
+
+    from mailer.compose import qp
+
+    encoded = qp("eins\r\nzwei\rdrei\nvier")
+    assert b"\n" not in encoded.replace(b"\r\n", b"") and b"=0D" not in encoded
+    assert binascii.a2b_qp(encoded) == b"eins\r\nzwei\r\ndrei\r\nvier"
+
+
+def test_non_ascii_attachment_names_go_as_rfc_2231() -> None:
+    from mailer.compose import _file_param
+
+    assert _file_param("filename", "flyer.pdf") == 'filename="flyer.pdf"'
+    assert _file_param("filename", 'Einladung "Fest" ü.pdf') == (
+        "filename*=utf-8''Einladung%20%22Fest%22%20%C3%BC.pdf")
+    assert _file_param("name", 'a"b.pdf') == "name*=utf-8''a%22b.pdf"
+
+
+def test_message_ids_are_random_and_of_our_domain() -> None:
+    from mailer.compose import message_id
+
+    ids = {message_id(domain="imag.example.org") for _ in range(50)}
+    assert len(ids) == 50
+    assert all(re.fullmatch(r"<[0-9a-f]{24}@imag\.example\.org>", i) for i in ids)
+
+
+def test_ascii_folding_at_the_exact_limit_and_with_double_spaces() -> None:
+    exact = "a" * 60 + " " + "b" * 8  # "Subject: " + this is exactly 78 characters
+    assert encode_header("Subject", exact) == f"Subject: {exact}".encode()
+    spaced = "Einladung  zum  Fest " * 6  # long, with double spaces: folded, none lost
+    header = encode_header("Subject", spaced).decode("ascii")
+    assert "\r\n" in header and header.replace("\r\n", "") == f"Subject: {spaced}"
