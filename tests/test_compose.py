@@ -412,3 +412,12 @@ def test_ascii_folding_at_the_exact_limit_and_with_double_spaces() -> None:
     spaced = "Einladung  zum  Fest " * 6  # long, with double spaces: folded, none lost
     header = encode_header("Subject", spaced).decode("ascii")
     assert "\r\n" in header and header.replace("\r\n", "") == f"Subject: {spaced}"
+
+
+def test_an_ascii_word_too_long_to_fold_is_encoded() -> None:
+    fits = "x" * 69  # "Subject: " + 69 = 78: plain
+    assert encode_header("Subject", fits) == f"Subject: {fits}".encode()
+    for long in ("x" * 70, "y" * 120):  # no line could hold it: encoded words, folded
+        header = encode_header("Subject", long).decode("ascii")
+        assert header.startswith("Subject: =?utf-8?q?")
+        assert all(len(line) <= 76 for line in header.split("\r\n"))
