@@ -15,7 +15,6 @@ from __future__ import annotations
 import email
 import email.header
 import email.message
-import email.parser
 import email.utils
 import hashlib
 import logging
@@ -205,13 +204,9 @@ def _field_blocks(msg: email.message.Message, types: tuple[str, ...]
     for part in msg.walk():
         if part.get_content_type() not in types:
             continue
-        if part.is_multipart():  # the email package splits message/delivery-status itself
-            return [p for p in part.get_payload() if isinstance(p, email.message.Message)]
-        payload = part.get_payload(decode=True)
-        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-        parser = email.parser.HeaderParser()
-        return [parser.parsestr(block.strip() + "\n")
-                for block in re.split(r"\r?\n\s*\r?\n", text) if block.strip()]
+        # The email package always parses a message/* part into its header blocks (one
+        # sub-message each), whatever its encoding or content: nothing left to split here.
+        return [p for p in part.get_payload() if isinstance(p, email.message.Message)]
     return []
 
 

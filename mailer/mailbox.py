@@ -16,7 +16,7 @@ import logging
 import mailbox
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,6 @@ class Summary:
     kinds: Counter[str] = field(default_factory=Counter)
     actions: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
-
-    def add(self, other: Summary) -> None:
-        self.read += other.read
-        self.already += other.already
-        self.kinds.update(other.kinds)
-        self.actions.update(other.actions)
-        self.problems += other.problems
 
     def line(self) -> str:
         kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(self.kinds.items()))
@@ -307,8 +300,7 @@ async def _done(client: Any, uid: str, cfg: MailboxSettings) -> None:
     await client.uid("store", uid, "+FLAGS", f"({PROCESSED_FLAG} \\Seen)")
 
 
-async def fetch(store: Store, settings: Settings, *,
-                on_problem: Callable[[str], None] | None = None) -> Summary:
+async def fetch(store: Store, settings: Settings) -> Summary:
     """Read every new mail of the configured IMAP folder once."""
     cfg = _check(settings.mailbox)
     tokens = Tokens(settings.secret())
@@ -322,9 +314,6 @@ async def fetch(store: Store, settings: Settings, *,
                             summary=summary)
     finally:
         await _close(client)
-    if on_problem is not None:
-        for problem in summary.problems:
-            on_problem(problem)
     return summary
 
 

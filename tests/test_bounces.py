@@ -433,3 +433,208 @@ def migrate_down(engine: object, revision: str) -> None:
     with engine.begin() as conn:  # type: ignore[attr-defined]
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
+
+
+# --- reading the mail: what each kind looks like --------------------------------------------
+
+OURS = "<20261203.abc123@imag.example.org>"
+FAILED = "Final-Recipient: rfc822; anna@example.org\nAction: failed\nStatus: 5.1.1\n"
+
+
+def _mail(*headers: str, body: str = "hello\n") -> bytes:
+    return ("\n".join(headers) + "\n\n" + body).encode("utf-8")
+
+
+def _report_in_mixed(part_type: str, fields: str) -> bytes:
+    """A report whose outer type is multipart/mixed, not multipart/report (some relays)."""
+    return _mail("From: MAILER-DAEMON@mx.example.org", "Message-ID: <r1@mx.example.org>",
+                 'Content-Type: multipart/mixed; boundary="B"', body=(
+                     "--B\nContent-Type: text/plain\n\nsee the report\n\n"
+                     f"--B\nContent-Type: {part_type}\n\n{fields}\n"
+                     f"--B\nContent-Type: text/rfc822-headers\n\nMessage-ID: {OURS}\n\n--B--\n"))
+
+
+def test_a_report_part_is_found_when_the_outer_type_does_not_name_it(project: Project) -> None:
+    settings = project.settings()
+    dsn = bounces.classify(_report_in_mixed(
+        "message/delivery-status", "Reporting-MTA: dns; mx.example.org\n\n"
+        "Final-Recipient: rfc822; anna@example.org\nAction: failed\nStatus: 5.1.1\n"), settings)
+    assert dsn.kind == bounces.ReturnedKind.HARD_BOUNCE
+    assert dsn.recipients == {"anna@example.org"} and dsn.message_ids == (OURS,)
+    arf = bounces.classify(_report_in_mixed(
+        "message/feedback-report", "Feedback-Type: abuse\nUser-Agent: SomeISP/1.0\n"
+        "Original-Rcpt-To: anna@example.org\n"), settings)
+    assert arf.kind == bounces.ReturnedKind.COMPLAINT
+    assert arf.recipients == {"anna@example.org"}
+    assert arf.evidence == "ARF feedback-type abuse from SomeISP/1.0"
+
+
+@pytest.mark.parametrize("action", ["delivered", "relayed", "expanded"])
+def test_a_dsn_without_a_failure_is_a_report_that_asks_for_nothing(project: Project,
+                                                                   action: str) -> None:
+    raw = _report_in_mixed("message/delivery-status", "Reporting-MTA: dns; mx.example.org\n\n"
+                           f"Final-Recipient: rfc822; anna@example.org\nAction: {action}\n"
+                           "Status: 2.0.0\n")
+    returned = bounces.classify(raw, project.settings())
+    assert returned.kind == bounces.ReturnedKind.REPORT and returned.failures == ()
+    assert returned.evidence.startswith("a delivery notice that reports no failure")
+
+
+@pytest.mark.parametrize(("report_type", "evidence"), [
+    ("delivery-status", "a delivery notice that reports no failure"),
+    ("feedback-report", "ARF feedback-type missing")])
+def test_a_report_without_its_machine_readable_part_asks_for_nothing(
+        project: Project, report_type: str, evidence: str) -> None:
+    """multipart/report names its kind, but the part that would say what happened is missing:
+    nothing in it names a failure or a complaint, whatever the text part claims."""
+    raw = _mail("From: MAILER-DAEMON@mx.example.org",
+                f'Content-Type: multipart/report; report-type={report_type}; boundary="B"',
+                body=("--B\nContent-Type: text/plain\n\n550 5.1.1 user unknown; this is abuse\n"
+                      f"--B\nContent-Type: text/rfc822-headers\n\nMessage-ID: {OURS}\n--B--\n"))
+    returned = bounces.classify(raw, project.settings())
+    assert returned.kind == bounces.ReturnedKind.REPORT and returned.failures == ()
+    assert returned.evidence.startswith(evidence)
+
+
+@pytest.mark.parametrize(("header", "kind"), [
+    ("X-Autoreply: yes", "auto_reply"), ("X-Autorespond: on", "auto_reply"),
+    ("Precedence: auto_reply", "auto_reply"), ("Precedence: bulk", "reply"),
+    ("Auto-Submitted: no", "reply")])
+def test_auto_reply_headers_other_than_rfc_3834(project: Project, header: str,
+                                                kind: str) -> None:
+    raw = _mail("From: anna@example.org", "Subject: Re: news", header, "Message-ID: <a@x.org>")
+    assert bounces.classify(raw, project.settings()).kind.value == kind
+
+
+def test_an_undecodable_subject_is_read_as_written(project: Project) -> None:
+    """An encoded word in an unknown charset: the raw subject is still what is matched."""
+    raw = _mail("From: anna@example.org", "Subject: Automatic reply: =?x-bogus?q?weg?=")
+    returned = bounces.classify(raw, project.settings())
+    assert returned.kind == bounces.ReturnedKind.AUTO_REPLY
+
+
+def test_a_part_in_an_unknown_charset_is_still_searched(project: Project) -> None:
+    verp = "bounces+" + "a" * 42 + "@imag.example.org"
+    raw = _mail("From: MAILER-DAEMON@mx.example.org", 'Content-Type: multipart/mixed; boundary="B"',
+                body=("--B\nContent-Type: message/delivery-status\n\n"
+                      "Final-Recipient: rfc822; anna@example.org\nAction: failed\n"
+                      "Status: 5.1.1\n\n--B\nContent-Type: text/plain; charset=x-unheard-of\n\n"
+                      f"Return-Path: <{verp}>\nMessage-ID: {OURS}\n--B--\n"))
+    returned = bounces.classify(raw, project.settings())
+    assert returned.kind == bounces.ReturnedKind.HARD_BOUNCE
+    assert returned.message_ids == (OURS,) and returned.verp_tokens == ("a" * 42,)
+
+
+def test_only_the_text_budget_is_searched(project: Project,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = _mail("From: MAILER-DAEMON@mx.example.org", 'Content-Type: multipart/mixed; boundary="B"',
+                body=("--B\nContent-Type: text/plain\n\n" + "x" * 5000 + "\n"
+                      f"--B\nContent-Type: message/delivery-status\n\n{FAILED}\n"
+                      f"--B\nContent-Type: text/rfc822-headers\n\nMessage-ID: {OURS}\n--B--\n"))
+    settings = project.settings()
+    assert bounces.classify(raw, settings).message_ids == (OURS,)
+    monkeypatch.setattr(bounces, "TEXT_BUDGET", 1000)  # spent on the first part
+    assert bounces.classify(raw, settings).message_ids == ()
+
+
+def test_without_a_bounce_address_no_verp_token_is_read(project: Project) -> None:
+    raw = _report_in_mixed("message/delivery-status", FAILED).replace(
+        b"From:", b"To: bounces+" + b"b" * 42 + b"@imag.example.org\nFrom:")
+    settings = project.settings()
+    assert bounces.classify(raw, settings).verp_tokens == ("b" * 42,)
+    plain = settings.model_copy(update={
+        "bounces": settings.bounces.model_copy(update={"address": None})})
+    assert bounces.classify(raw, plain).verp_tokens == ()
+
+
+def test_mail_from_a_mail_system_that_reports_no_failure_is_no_bounce(project: Project) -> None:
+    settings = project.settings()
+    notice = _mail("From: MAILER-DAEMON@mx.example.org", "Return-Path: <>",
+                   "Subject: Your mailbox quota", "Message-ID: <n1@mx.example.org>",
+                   body="Your mailbox is 80 % full. Please tidy up.\n")
+    assert bounces.classify(notice, settings).kind == bounces.ReturnedKind.REPLY
+    auto = notice.replace(b"Subject:", b"Auto-Submitted: auto-generated\nSubject:")
+    assert bounces.classify(auto, settings).kind == bounces.ReturnedKind.AUTO_REPLY
+
+
+def test_a_detector_that_trips_leaves_the_mail_unread_as_a_bounce(
+        project: Project, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import flufl.bounce
+
+    raw = (FIXTURES / "qmail.eml").read_bytes()
+    settings = project.settings()
+    assert bounces.classify(raw, settings).kind == bounces.ReturnedKind.HARD_BOUNCE
+
+    def tripped(msg: object) -> object:
+        raise IndexError("hostile input")
+
+    monkeypatch.setattr(flufl.bounce, "all_failures", tripped)
+    returned = bounces.classify(raw, settings)
+    assert returned.kind not in (bounces.ReturnedKind.HARD_BOUNCE,
+                                 bounces.ReturnedKind.SOFT_BOUNCE)
+    assert returned.failures == ()
+    assert "could not be read by the bounce detectors" in caplog.text
+
+
+# --- matching and acting: the rarer paths ---------------------------------------------------
+
+
+def _forged(token: str) -> str:
+    """The same length and alphabet, one character changed: the seal no longer fits."""
+    return token[:-1] + ("a" if token[-1] != "a" else "b")
+
+
+async def test_proofs_are_tried_in_turn_and_a_bad_one_is_skipped(world: World) -> None:
+    # person1: a VERP token that fails its seal, then our Message-ID.
+    s1 = world.sent["person1@example.org"]
+    token = VERP.match(s1.verp).group(1)  # type: ignore[union-attr]
+    world.mail("gmail-dsn-hard.eml", rcpt="person1@example.org",
+               **{s1.verp: s1.verp.replace(token, _forged(token)),
+                  "<5fe6e3b8.gmail-dsn-hard@mx.google.com>": "<other@mx.google.com>"})
+    # person0: no VERP token, a Message-ID that is not ours, an unsubscribe token that is not
+    # ours, then person0's own for the very address the DSN names.
+    s0 = world.sent["person0@example.org"]
+    text = (FIXTURES / "gmail-dsn-hard.eml").read_text(encoding="utf-8")
+    text = text.replace("List-Unsubscribe: <http", "X-Old-Link: <http://127.0.0.1:8000/"
+                        "unsubscribe/AAAAAAAAAAAAAAAAAAAAAAAA>\nList-Unsubscribe: <http")
+    for key, value in {"@@VERP@@": "bounces@imag.example.org", "@@MSGID@@": "<f@x.example.org>",
+                       "@@RCPT@@": s0.rcpt, "@@UNSUB@@": s0.unsub}.items():
+        text = text.replace(key, value)
+    world.drop(text.encode(), "final-recipient")
+    summary = world.read()
+    assert summary.problems == [] and summary.actions == {"suppressed": 2}
+    how = {r["delivery_id"]: r["matched_by"] for r in _returned(world)}
+    assert how == {s1.row_id: "message-id", s0.row_id: "final-recipient"}
+    assert set(_suppressed(world)) == {(s0.rcpt, "*"), (s1.rcpt, "*")}
+
+
+async def test_an_address_suppressed_already_is_not_suppressed_twice(world: World) -> None:
+    world.mail("gmail-dsn-hard.eml")
+    world.mail("exim.eml")  # a second hard bounce for the same address
+    summary = world.read()
+    assert summary.kinds == {"hard_bounce": 2}
+    assert [r["action"] for r in _returned(world)] == ["suppressed", "already"]
+    for i in range(3):  # soft bounces reach the limit for an address suppressed already
+        world.mail("dsn-delayed.eml", **{"<20261203101500.4C1D2@mx.example.org>":
+                                         f"<later{i}@mx.example.org>"})
+    world.read()
+    assert [r["action"] for r in _returned(world)][2:] == ["counted", "counted", "already"]
+    assert _suppressed(world) == {("person0@example.org", "*"): "hard_bounce"}
+    assert [e[1] for e in _events(world)] == ["bounced"]  # one event, not three
+
+
+async def test_a_bounce_for_an_erased_address_changes_nothing(world: World) -> None:
+    from mailer.subscribers import forget
+
+    with world.store.engine.begin() as conn:  # type: ignore[attr-defined]
+        forget(conn, email="person0@example.org")
+    before = (_suppressed(world), _events(world))
+    world.mail("gmail-dsn-hard.eml")
+    summary = world.read()
+    assert summary.kinds == {"hard_bounce": 1} and summary.actions == {"erased": 1}
+    (row,) = _returned(world)
+    assert (row["matched_by"], row["delivery_id"]) == (
+        "verp", world.sent["person0@example.org"].row_id)
+    assert (_suppressed(world), _events(world)) == before  # the address is not brought back
+    assert not any("person0" in key for key, _ in _suppressed(world))
