@@ -118,7 +118,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             yield reader.line_num, {k.strip().lower(): v for k, v in row.items()}
     except csv.Error as exc:
-        raise ListError(f"CSV error: {exc}", path=path, line=reader.line_num) from None
+        raise ListError(f"CSV error: {exc}", path=path, line=reader.reader.line_num) from None
 
 
 def _load_yaml_list(path: Path) -> Located:

@@ -5,16 +5,19 @@ breaking it fails with exit 1 and a FAIL line naming what to fix."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sqlite3
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from mailer.config import Settings
 from tests.conftest import Project, both_databases
 from tests.dnsd import DnsServer
 from tests.helpers import mailer
@@ -240,3 +243,251 @@ def test_keygen_key_size(project: Project, tmp_path: Path) -> None:
     keygen(project, tmp_path / "k.pem")
     key = load_pem_private_key((tmp_path / "k.pem").read_bytes(), None)
     assert key.key_size == 2048  # type: ignore[union-attr]
+
+
+# --- single checks, in process: each way a check can go, and the sentence it says -------------
+
+
+def production(project: Project, tmp_path: Path, **env: str) -> Settings:
+    """Settings of the shipped config made production-ready (a fresh DKIM key), plus `env`."""
+    from mailer.dkimkeys import generate
+
+    key = tmp_path / "dkim.pem"
+    if not key.exists():
+        generate(key, selector="imag1", domain=DOMAIN)
+        make_production(project, key)
+    return project.settings(**env)
+
+
+def test_nameserver_forms_and_their_mistakes() -> None:
+    from mailer.doctor import parse_hostport
+    from mailer.errors import UserError
+
+    assert parse_hostport("[::1]:5353", default_port=53) == ("::1", 5353)
+    assert parse_hostport("[::1]", default_port=53) == ("::1", 53)
+    assert parse_hostport("::1", default_port=53) == ("::1", 53)
+    assert parse_hostport("ns1.example.org:5353", default_port=53) == ("ns1.example.org", 5353)
+    for text, words in [
+        ("ns1.example.org:99999", "--nameserver 'ns1.example.org:99999': the port must be a "
+                                  "number from 1 to 65535"),
+        ("[::1]:dns", "--nameserver '[::1]:dns': the port must be a number from 1 to 65535"),
+        (":53", "--nameserver ':53' names no host: use HOST or HOST:PORT"),
+    ]:
+        with pytest.raises(UserError) as caught:
+            parse_hostport(text, default_port=53)
+        assert caught.value.sentence() == words
+
+
+def test_an_unknown_nameserver_is_one_sentence(project: Project) -> None:
+    code, out, err = mailer_sync(project, "doctor", "--nameserver", "no-such-host.invalid")
+    assert code == 1 and "Traceback" not in err and out == ""
+    assert err.strip() == "error: --nameserver no-such-host.invalid: no such host", err
+
+
+def test_a_nameserver_that_does_not_answer_fails_the_dns_checks(project: Project,
+                                                              tmp_path: Path) -> None:
+    import socket
+
+    from mailer.doctor import Dns, check_dkim, check_published
+
+    settings = production(project, tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        where = f"127.0.0.1:{silent.getsockname()[1]}"
+        dns = Dns(where, timeout_s=0.3)
+        found, record = check_dkim(settings, dns)
+        assert record is not None and [(f.level, f.text) for f in found] == [
+            ("fail", f"cannot look up imag1._domainkey.{DOMAIN} at {where} (LifetimeTimeout): "
+                     "publish the DKIM record below")]
+        published = check_published(settings, dns)
+    assert [(f.check, f.level, f.text) for f in published] == [
+        ("SPF, DMARC", "fail", f"cannot look up {DOMAIN} at {where} (LifetimeTimeout)")]
+
+
+def test_dkim_offline_and_a_revoked_key(project: Project, tmp_path: Path,
+                                        dns: DnsServer) -> None:
+    from mailer.doctor import Dns, check_dkim
+
+    settings = production(project, tmp_path)
+    found, record = check_dkim(settings, None)
+    assert [(f.level, f.text) for f in found] == [
+        ("warn", f"imag1._domainkey.{DOMAIN}: not looked up (--offline)")]
+    assert record is not None  # the record to publish is printed all the same
+    dns.records[f"imag1._domainkey.{DOMAIN}"] = ["v=DKIM1; k=rsa; p="]
+    found, _ = check_dkim(settings, Dns(dns.address))
+    assert [(f.level, f.text) for f in found] == [
+        ("fail", f"the record at imag1._domainkey.{DOMAIN} revokes its key (empty p=): "
+                 "publish the record below")]
+
+
+def test_spf_twice_dmarc_at_the_parent_and_a_reserved_sender(project: Project, tmp_path: Path,
+                                                             dns: DnsServer) -> None:
+    from mailer.doctor import Dns, check_published
+
+    dns.records.update({DOMAIN: [SPF, "v=spf1 mx -all"], f"_dmarc.{DOMAIN}": [DMARC]})
+    settings = production(project, tmp_path)
+    found = check_published(settings, Dns(dns.address))
+    assert [(f.check, f.level) for f in found] == [("SPF", "fail"), ("DMARC", "ok")]
+    assert found[0].text == (f"{DOMAIN} has 2 SPF records; receivers treat that as an error: "
+                             "merge them")
+    # A sender at a subdomain is covered by the organisation's DMARC record.
+    news = f"news.{DOMAIN}"
+    _set_config(project, f"address: newsletter@{DOMAIN}", f"address: newsletter@{news}")
+    dns.records[news] = [SPF]
+    found = check_published(project.settings(), Dns(dns.address))
+    assert [(f.check, f.level, f.text) for f in found] == [
+        ("SPF", "ok", f"{news}: {SPF}"), ("DMARC", "ok", f"_dmarc.{DOMAIN}: {DMARC}")]
+    assert f"_dmarc.{news}" in dns.queries  # its own name first
+    # A reserved sender domain: the domains check says it, SPF and DMARC say nothing.
+    _set_config(project, f"address: newsletter@{news}", "address: newsletter@imag.example.org")
+    before = list(dns.queries)
+    assert check_published(project.settings(), Dns(dns.address)) == []
+    assert dns.queries == before
+
+
+def test_proxies_and_the_metrics_token(project: Project, tmp_path: Path) -> None:
+    from mailer.doctor import check_base_url, check_secrets
+
+    settings = production(project, tmp_path)
+    assert [f.level for f in check_base_url(settings)] == ["ok"]
+    _set_config(project, "trusted_proxies: [127.0.0.1]", "trusted_proxies: []")
+    found = check_base_url(project.settings())
+    assert [f.level for f in found] == ["ok", "warn"]
+    assert found[1].text.startswith("web.trusted_proxies is empty: behind the TLS proxy every "
+                                    "visitor shares one rate limit")
+    token = "Xq3vN8pL2mR7tY1wK5zB9cD4fG6hJ0sA-eU_iO"
+    found = check_secrets(settings, {"MAILER_METRICS_TOKEN": token})
+    assert [(f.check, f.level, f.text) for f in found][1] == (
+        "metrics token", "ok", "/metrics is served to requests with the bearer token")
+
+
+async def test_relay_login_without_password_and_relays_that_cannot_do_it(
+        project: Project, tmp_path: Path, fault_server,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    from mailer.doctor import check_relay
+
+    server_tls, _ = make_tls_contexts(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    no_auth = await fault_server(starttls=server_tls)
+    base = {"MAILER_SMTP_HOST": no_auth.host, "MAILER_SMTP_PORT": str(no_auth.port),
+            "MAILER_SMTP_TLS": "starttls", "MAILER_SMTP_USERNAME": LOGIN[0]}
+
+    async def relay(**env: str) -> str:
+        (finding,) = await check_relay(production(project, tmp_path, **{**base, **env}))
+        assert finding.level == "fail" and finding.check == "relay", finding
+        return finding.text
+
+    assert await relay() == ("smtp.username is set but MAILER_SMTP_PASSWORD is not: put it in "
+                             "the service's environment file")
+    assert no_auth.connections == 0  # said before connecting
+    # A relay on implicit TLS that offers no AUTH (and hangs up on QUIT without a reply).
+    async def no_auth_relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 relay.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith((b"EHLO", b"HELO")):
+                writer.write(b"250-relay.test\r\n250 8BITMIME\r\n")
+            elif line.upper().startswith(b"QUIT"):
+                break
+            else:
+                writer.write(b"502 5.5.1 no\r\n")
+            await writer.drain()
+        writer.close()
+
+    plain = await asyncio.start_server(no_auth_relay, "127.0.0.1", 0, ssl=server_tls)
+    port = plain.sockets[0].getsockname()[1]
+    try:
+        assert await relay(MAILER_SMTP_PASSWORD=LOGIN[1], MAILER_SMTP_TLS="tls",
+                           MAILER_SMTP_PORT=str(port)) == (
+            f"the relay 127.0.0.1:{port} offers no AUTH, so smtp.username cannot log in")
+    finally:
+        plain.close()
+    closed = socket_port()
+    text = await relay(MAILER_SMTP_PORT=str(closed), MAILER_SMTP_USERNAME="")
+    assert text.startswith(f"connect with {no_auth.host}:{closed} failed (")
+    assert text.endswith("): check MAILER_SMTP_HOST, MAILER_SMTP_PORT and MAILER_SMTP_TLS")
+    # STARTTLS offered, but no TLS version both sides speak: not a certificate problem.
+    old_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    old_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    with warnings.catch_warnings():  # deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old_tls.minimum_version = old_tls.maximum_version = ssl.TLSVersion.TLSv1_1
+    legacy = await fault_server(starttls=old_tls)
+    text = await relay(MAILER_SMTP_PORT=str(legacy.port), MAILER_SMTP_USERNAME="")
+    assert text.startswith(f"STARTTLS with {legacy.host}:{legacy.port} failed ("), text
+    assert text.endswith("): check MAILER_SMTP_TLS against what the relay offers"), text
+
+
+def socket_port() -> int:
+    """A port on 127.0.0.1 nobody listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_impressum_address_and_postcode_must_be_real(project: Project, tmp_path: Path) -> None:
+    from mailer.doctor import check_impressum
+
+    production(project, tmp_path)
+    _set_config(project, f"email: rgv@{DOMAIN}", "email: rgv-at-imag")
+    _set_config(project, 'postcode: "44145"', 'postcode: "D-44145"')
+    (finding,) = check_impressum(project.settings())
+    assert finding.level == "fail" and finding.text == (
+        "organisation.email 'rgv-at-imag' is not an address; organisation.postcode 'D-44145' is "
+        "not a postcode: every mail's footer must say who sends it and how to reach them "
+        "(§ 5 DDG, § 18 MStV)")
+
+
+def test_a_database_upgraded_by_a_newer_mailer(project: Project, tmp_path: Path) -> None:
+    from mailer.doctor import check_database
+
+    code, _, err = mailer_sync(project, "db", "upgrade")
+    assert code == 0, err
+    with sqlite3.connect(project.root / "var" / "mailer.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    (finding,) = check_database(project.settings())
+    assert finding.level == "fail" and finding.text.endswith(
+        "is at migration 9999_from_the_future, which this version does not know: it was "
+        "upgraded by a newer mailer; install that version"), finding.text
+
+
+@pytest.mark.parametrize(("script", "warned"), [
+    ("#!/bin/sh\necho no\n", True),                 # synchronisation off
+    ("#!/bin/sh\necho yes\n", False),
+    ("#!/bin/sh\necho maybe\n", False),             # an answer it does not know: no claim
+    ("#!/nonexistent/interpreter\n", False),        # cannot run it: no claim
+    (None, False),                                  # no timedatectl (a container): no claim
+])
+def test_an_unsynchronised_clock_is_worth_a_look(project: Project, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 script: str | None, warned: bool) -> None:
+    from mailer.doctor import check_timezone
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if script is not None:
+        tool = bin_dir / "timedatectl"
+        tool.write_text(script, encoding="utf-8")
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    found = check_timezone(project.settings())
+    assert [f.level for f in found] == (["ok", "warn"] if warned else ["ok"])
+    if warned:
+        assert found[1].text.startswith("the system clock is not synchronised (timedatectl)")
+
+
+def test_records_for_a_relay_by_name_and_a_report_address_elsewhere(project: Project,
+                                                                    tmp_path: Path) -> None:
+    from mailer.doctor import records
+
+    settings = production(project, tmp_path, MAILER_SMTP_HOST="relay.imag-dortmund.de")
+    spf = {r.what: r for r in records(settings, None)}
+    assert spf["SPF"].value == "v=spf1 a:relay.imag-dortmund.de ~all"
+    assert spf["DMARC"].value == f"v=DMARC1; p=none; rua=mailto:rgv@{DOMAIN}"
+    assert spf["DKIM"].name == ""  # no key named: keygen's hint instead
+    _set_config(project, f"email: rgv@{DOMAIN}", "email: rgv@kirche-dortmund.de")
+    dmarc = {r.what: r for r in records(project.settings(), None)}["DMARC"]
+    assert dmarc.value == f"v=DMARC1; p=none; rua=mailto:postmaster@{DOMAIN}"
