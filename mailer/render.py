@@ -136,7 +136,9 @@ class _StaffSandbox(ImmutableSandboxedEnvironment):
             return self.getattr(obj, argument) if isinstance(argument, str) else \
                 self.undefined(obj=obj, name=argument)
         if isinstance(obj, str) and isinstance(argument, int | slice):
-            return obj[argument]
+            # `recipient.name[0]` of an empty name is empty, not a crash in the middle of a run
+            inside = isinstance(argument, slice) or -len(obj) <= argument < len(obj)
+            return obj[argument] if inside else ""
         return self.undefined(obj=obj, name=argument)
 
 
@@ -824,6 +826,14 @@ def check_merge_fields(rendition: Rendition, sample: Recipient) -> None:
             ) from None
         except jinja2.TemplateError as exc:
             raise CampaignError(f"merge field problem in language '{lang.lang}': {exc}",
+                                path=campaign.source) from None
+        except (AssertionError, ValueError, TypeError, ArithmeticError) as exc:
+            # A filter refusing its arguments, e.g. truncate(1) (shorter than its "..."):
+            # say so, with the filter's own words, instead of "could not be checked".
+            detail = str(exc) or type(exc).__name__
+            raise CampaignError(f"merge field problem in language '{lang.lang}': a filter "
+                                f"cannot work with these values ({detail}); check the filters' "
+                                "arguments in the subject, preheader and text",
                                 path=campaign.source) from None
 
 

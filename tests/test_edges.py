@@ -484,3 +484,29 @@ def test_render_campaign_refuses_a_hostile_test_too(project: Project) -> None:
     with pytest.raises(CampaignError, match="line 7.*the test 'odd' is not available"):
         render_campaign(load_campaign(path, project.settings()), project.settings())
 
+
+
+def test_a_filter_refusing_its_arguments_is_one_sentence(project: Project) -> None:
+    project.campaign("t.yaml", "template: newsletter\naudience: {lists: [partners]}\n"
+                     "content:\n  de:\n    subject: \"Hallo {{ recipient.name | truncate(1) }}\"\n"
+                     "    blocks: [{heading: Hallo}]\n")
+    result = run_mailer(project, "validate", "t")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "a filter cannot work with these values" in result.stderr
+    assert "please report this" not in result.stderr
+
+
+def test_an_index_past_the_end_of_a_merge_field_reads_as_empty(project: Project) -> None:
+    from mailer.audience import Recipient
+    from mailer.checks import check_campaign
+    from mailer.render import SAMPLE_LINKS, personalise
+
+    path = project.campaign("i.yaml", "template: newsletter\naudience: {lists: [partners]}\n"
+                            "content:\n  de:\n    subject: \"Hallo {{ recipient.name[0] }}.\"\n"
+                            "    blocks: [{heading: Hallo}]\n")
+    settings = project.settings()
+    lr = check_campaign(path, settings, with_audience=False).rendition.languages["de"]
+    assert personalise(lr, Recipient("a@example.org", "Anna", "de"), SAMPLE_LINKS).subject \
+        == "Hallo A."
+    assert personalise(lr, Recipient("b@example.org", "", "de"), SAMPLE_LINKS).subject \
+        == "Hallo ."  # an empty name: no IndexError halfway through a run
