@@ -100,10 +100,13 @@ class Tokens:
         if len(token) != VERP_TOKEN_CHARS:
             raise TokenError(INVALID)
         try:
-            padded = token.upper() + "=" * (-len(token) % 8)
-            data = self._siv.decrypt(base64.b32decode(padded), [b"verp"])
+            sealed = base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+            data = self._siv.decrypt(sealed, [b"verp"])
         except (InvalidTag, ValueError, binascii.Error):
             raise TokenError(INVALID) from None
+        # The last character carries two padding bits: only the one spelling we write counts.
+        if base64.b32encode(sealed).rstrip(b"=").decode("ascii") != token.upper():
+            raise TokenError(INVALID)
         if len(data) != 10:
             raise TokenError(INVALID)
         return int.from_bytes(data[:4], "big"), int.from_bytes(data[4:], "big")
