@@ -20,9 +20,9 @@ def local_time(when: datetime | None, tz: tzinfo, *, seconds: bool = False) -> s
     return when.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
 
 
-def local_iso(when: datetime | None, tz: tzinfo) -> str | None:
-    """The same time for --json: ISO 8601 with the zone's offset, to the second."""
-    return when.astimezone(tz).isoformat(timespec="seconds") if when else None
+def local_iso(when: datetime | None, tz: tzinfo, *, timespec: str = "seconds") -> str | None:
+    """The same time for --json: ISO 8601 with the zone's offset, to the second (or minute)."""
+    return when.astimezone(tz).isoformat(timespec=timespec) if when else None
 
 
 def run_numbers(conn: Connection, campaign_id: str) -> dict[int, int]:

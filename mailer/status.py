@@ -17,13 +17,14 @@ from sqlalchemy import Connection
 from .campaign import Campaign, campaign_files, resolve_local
 from .checks import Checked, check_campaign
 from .config import Settings
+from .report import local_iso
 from .store import RunStatus, Store
 from .store import queries as q
 
 
 def minute(when: datetime | None, tz: tzinfo) -> str | None:
     """A time in the configured zone to the minute, ISO 8601 with its offset."""
-    return when.astimezone(tz).isoformat(timespec="minutes") if when else None
+    return local_iso(when, tz, timespec="minutes")
 
 
 def campaign_status(settings: Settings, store: Store, *, now: datetime | None = None
