@@ -300,7 +300,7 @@ class SmtpPool:
                 await self._login(smtp)
         except _CONNECTION_ERRORS as exc:
             smtp.close()
-            self._cool_down(epoch, str(exc) or type(exc).__name__)
+            self._cool_down(epoch, _describe(exc))
             raise
         except BaseException:
             smtp.close()
@@ -512,6 +512,13 @@ def _failure(msg: Outgoing, exc: BaseException) -> DeliveryResult:
     if isinstance(exc, TimeoutError):
         text = f"timed out: {exc}" if str(exc) else "timed out"
     else:
-        text = f"connection failed: {exc or type(exc).__name__}"
+        text = f"connection failed: {_describe(exc)}"
     log.debug("key %s to %s: %s", msg.key, msg.recipient, text)
     return DeliveryResult(msg.key, Outcome.TEMPORARY, None, text, False)
+
+
+def _describe(exc: BaseException) -> str:
+    """The reply ("421 4.3.2 try later") or the error's text, never an empty string."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    return str(exc) or type(exc).__name__

@@ -42,6 +42,8 @@ class Faults:
     drop_in_data_every: int = 0  # hang up instead of answering every Nth message's DATA
     stall_s: float = 0.0  # wait this long before answering DATA
     auth: tuple[str, str] | None = None  # require AUTH (PLAIN/LOGIN) with these credentials
+    auth_refusal: str | None = None  # reply to wrong credentials instead of aiosmtpd's 535
+    data_command: tuple[int, str] | None = None  # reply to the DATA command instead of 354
     # Awaited with the recipient once a message's content has arrived, before any reply:
     # lets a test act (lock the ledger, …) at an exact point of the SMTP dialogue.
     on_data: Callable[[str], Awaitable[None]] | None = None
@@ -84,6 +86,13 @@ class _TrackedSMTP(SMTP):
         self.owner._active.discard(self)
         super().connection_lost(error)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        refusal = self.owner.faults.data_command
+        if refusal is not None and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push(f"{refusal[0]} {refusal[1]}")
+            return
+        await super().smtp_DATA(arg)
+
 
 class FaultServer:
     """The server and, as aiosmtpd handler, the fault logic (handle_MAIL/RCPT/DATA hooks)."""
@@ -95,6 +104,8 @@ class FaultServer:
         starttls: ssl.SSLContext | None = None,  # offer STARTTLS with this context
         tls: ssl.SSLContext | None = None,  # implicit TLS on connect (port 465 style)
         smtputf8: bool = True,  # offer SMTPUTF8 (RFC 6531)
+        offer_auth: bool = True,  # offer AUTH (RFC 4954)
+        offer_size: bool = True,  # offer SIZE (RFC 1870)
     ) -> None:
         self.faults = faults or Faults()
         self.host = "127.0.0.1"
@@ -107,9 +118,12 @@ class FaultServer:
         self.data_count = 0
         self.data_seen: list[Received] = []  # every message whose content arrived, any reply
         self.auth_attempts = 0  # AUTH commands that reached the authenticator
+        self.helo_names: list[str] = []  # the EHLO/HELO name of each transaction's session
         self._starttls = starttls
         self._tls = tls
         self._smtputf8 = smtputf8
+        self._offer_auth = offer_auth
+        self._offer_size = offer_size
         self._active: set[_TrackedSMTP] = set()
         self._server: asyncio.Server | None = None
 
@@ -132,11 +146,15 @@ class FaultServer:
         if server is None:
             return
         server.close()
+        self.hang_up()
+        await server.wait_closed()
+        await asyncio.sleep(0)
+
+    def hang_up(self) -> None:
+        """Close every open session from the server side, as an idle timeout would."""
         for session in list(self._active):
             if session.transport is not None:
                 session.transport.close()
-        await server.wait_closed()
-        await asyncio.sleep(0)
 
     @property
     def active_connections(self) -> int:
@@ -154,9 +172,10 @@ class FaultServer:
             self,
             hostname=HOSTNAME,
             enable_SMTPUTF8=self._smtputf8,
-            data_size_limit=50 * 1024 * 1024,
+            data_size_limit=50 * 1024 * 1024 if self._offer_size else None,
             tls_context=self._starttls,
-            auth_require_tls=False,  # tests authenticate over plain loopback
+            # Tests authenticate over plain loopback; without TLS, requiring it hides AUTH.
+            auth_require_tls=not self._offer_auth,
             authenticator=self._authenticate,
             loop=loop,
         )
@@ -173,11 +192,14 @@ class FaultServer:
         if not isinstance(data, LoginPassword):
             return AuthResult(success=False, handled=False)
         given = (data.login.decode(), data.password.decode())
+        if given != expected and self.faults.auth_refusal is not None:
+            return AuthResult(success=False, handled=False, message=self.faults.auth_refusal)
         return AuthResult(success=given == expected, handled=False)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self.helo_names.append(session.host_name or "")
         if self.faults.auth is not None and not session.authenticated:
             return "530 5.7.0 Authentication required"  # RFC 4954 §6
         if address in self.faults.mail:
@@ -196,6 +218,8 @@ class FaultServer:
         first = self.rcpt_seen[address] == 1
         if address in faults.rcpt:
             code, text = faults.rcpt[address]
+            if code // 100 == 2:  # 251 "will forward": accepted all the same
+                envelope.rcpt_tos.append(address)
             return f"{code} {text}"
         if first and address in faults.rcpt_first_attempt:
             code, text = faults.rcpt_first_attempt[address]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from typing import Any
 
+import aiosmtplib
 import pytest
 
 from mailer.config import SmtpSettings
@@ -17,7 +19,10 @@ from mailer.transport import (
     Outgoing,
     SmtpPool,
     Transport,
+    _failure,
+    _mail_parameters,
     classify,
+    dot_stuffed,
 )
 from tests import smtpd
 from tests.smtpd import Faults, FaultServer
@@ -453,3 +458,361 @@ async def test_rate_per_hour_is_a_second_bucket(fault_server) -> None:
 def test_embedded_host_needs_an_address() -> None:
     with pytest.raises(ValueError, match="CaptureServer"):
         SmtpPool(SmtpSettings.model_validate({}))
+
+
+# -- the DATA payload -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("data", "wire"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b"a\r\nb", b"a\r\nb\r\n.\r\n"),  # the last line gets its CRLF
+        (b"", b"\r\n.\r\n"),
+        (b".a\r\n", b"..a\r\n.\r\n"),  # a dot opening the message, too
+        (b"a\r\n.\r\n.b\r\n", b"a\r\n..\r\n..b\r\n.\r\n"),
+        (b"a\nb\n", b"a\r\nb\r\n.\r\n"),  # bare LF
+        (b"a\rb\r", b"a\r\nb\r\n.\r\n"),  # bare CR
+        (b"a\r\r\nb", b"a\r\n\r\nb\r\n.\r\n"),  # as many LF as CRLF, but one CR more
+        (b"a\r\nb\nc", b"a\r\nb\r\nc\r\n.\r\n"),
+        (b"a\n.b", b"a\r\n..b\r\n.\r\n"),  # line ends are fixed before dots are doubled
+        (b"a\r\n..b", b"a\r\n...b\r\n.\r\n"),
+    ],
+)
+def test_dot_stuffed(data: bytes, wire: bytes) -> None:
+    assert dot_stuffed(data) == wire
+
+
+# -- envelope and MAIL parameters -------------------------------------------------------------
+
+async def _session(server: FaultServer, *, drop: tuple[str, ...] = ()) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(hostname=server.host, port=server.port, start_tls=False,
+                           local_hostname="client.test")
+    await smtp.connect()
+    await smtp.ehlo()
+    for extension in drop:  # what a relay without that extension would have said
+        del smtp.esmtp_extensions[extension]
+    return smtp
+
+
+def _msg(recipient: str, *, sender: str = SENDER, data: bytes = BODY) -> Outgoing:
+    return Outgoing(key=7, sender=sender, recipient=recipient, data=data)
+
+
+@pytest.mark.parametrize(
+    ("sender", "recipient", "data", "drop", "expected"),
+    [
+        (SENDER, "a@example.org", BODY, (), (SENDER, "a@example.org", [f"SIZE={len(BODY)}"])),
+        (SENDER, "a@example.org", "ü\r\n".encode(), (),
+         (SENDER, "a@example.org", ["SIZE=4", "BODY=8BITMIME"])),
+        (SENDER, "a@example.org", "ü\r\n".encode(), ("size",),
+         (SENDER, "a@example.org", ["BODY=8BITMIME"])),
+        (SENDER, "a@example.org", "ü\r\n".encode(), ("8bitmime",),
+         (SENDER, "a@example.org", ["SIZE=4"])),
+        (SENDER, "jürgen@example.org", b"x", (),
+         (SENDER, "jürgen@example.org", ["SIZE=1", "SMTPUTF8"])),
+        ("bounces@müller.example.org", "a@example.org", b"x", (),
+         ("bounces@müller.example.org", "a@example.org", ["SIZE=1", "SMTPUTF8"])),
+        # No SMTPUTF8: an internationalised domain travels as IDNA A-labels (RFC 5890).
+        (SENDER, "a@müller.example.org", b"x", ("smtputf8",),
+         (SENDER, "a@xn--mller-kva.example.org", ["SIZE=1"])),
+        ("bounces@müller.example.org", "a@example.org", b"x", ("smtputf8",),
+         ("bounces@xn--mller-kva.example.org", "a@example.org", ["SIZE=1"])),
+    ],
+)
+async def test_mail_parameters(fault_server, sender: str, recipient: str, data: bytes,
+                               drop: tuple[str, ...], expected: tuple[str, str, list[str]]) -> None:
+    smtp = await _session(await fault_server(), drop=drop)
+    try:
+        params = _mail_parameters(smtp, _msg(recipient, sender=sender, data=data))
+    finally:
+        smtp.close()
+    assert not isinstance(params, DeliveryResult), params
+    mail_from, rcpt_to, options = params
+    assert (mail_from.decode(), rcpt_to.decode(), [o.decode() for o in options]) == expected
+
+
+@pytest.mark.parametrize(
+    ("sender", "recipient", "reason"),
+    [
+        (SENDER, "", "empty recipient address"),
+        *((SENDER, f"a{c}b@example.org", "cannot be used in an SMTP envelope")
+          for c in (" ", "\t", "\r", "\n", "<", ">", '"', "\x00", "\x1f", "\x7f")),
+        ("bounce s@example.org", "a@example.org", "cannot be used in an SMTP envelope"),
+        (SENDER, "jürgen@example.org", "does not offer SMTPUTF8"),
+        ("jürgen@example.org", "a@example.org", "does not offer SMTPUTF8"),
+        (SENDER, "jürgen", "does not offer SMTPUTF8"),  # no domain to encode
+        (SENDER, "a@" + "ü" * 70 + ".example.org", "does not offer SMTPUTF8"),  # label > 63
+    ],
+)
+async def test_envelopes_that_cannot_be_sent_are_permanent(
+        fault_server, sender: str, recipient: str, reason: str) -> None:
+    smtp = await _session(await fault_server(), drop=("smtputf8",))
+    try:
+        result = _mail_parameters(smtp, _msg(recipient, sender=sender))
+    finally:
+        smtp.close()
+    assert isinstance(result, DeliveryResult)
+    assert (result.key, result.outcome, result.code, result.suppress) == (
+        7, Outcome.PERMANENT, None, False)
+    assert reason in result.text
+
+
+async def test_unsafe_address_is_quoted_in_the_reason(fault_server) -> None:
+    smtp = await _session(await fault_server())
+    try:
+        result = _mail_parameters(smtp, _msg("a b@example.org"))
+    finally:
+        smtp.close()
+    assert isinstance(result, DeliveryResult)
+    assert result.text == "address 'a b@example.org' cannot be used in an SMTP envelope"
+
+
+async def test_size_is_left_out_when_the_relay_does_not_offer_it(fault_server) -> None:
+    server = await fault_server(offer_size=False)
+    async with pool_for(server) as pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert result.outcome is Outcome.SENT
+    assert server.messages[0].mail_options == []
+
+
+# -- replies to each command ------------------------------------------------------------------
+
+async def test_a_forwarding_rcpt_reply_is_accepted(fault_server) -> None:
+    server = await fault_server(Faults(rcpt={"fwd@example.org": (251, "2.1.5 will forward")}))
+    async with pool_for(server) as pool:
+        result = await pool.send(outgoing("fwd@example.org", key=3))
+    assert (result.key, result.outcome, result.code, result.text) == (
+        3, Outcome.SENT, 250, "2.0.0 OK")
+    assert server.data_count == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome", "suppress"),
+    [((554, "5.5.1 no valid recipients"), Outcome.PERMANENT, False),
+     ((451, "4.3.0 try again"), Outcome.TEMPORARY, False),
+     ((550, "5.1.1 gone"), Outcome.PERMANENT, True)],
+)
+async def test_a_refused_data_command_is_the_result(
+        fault_server, reply: tuple[int, str], outcome: Outcome, suppress: bool) -> None:
+    server = await fault_server(Faults(data_command=reply))
+    async with pool_for(server) as pool:
+        result = await pool.send(outgoing("a@example.org", key=4))
+        server.faults.data_command = None
+        after = await pool.send(outgoing("b@example.org", key=5))
+    assert (result.key, result.outcome, result.code, result.text, result.suppress) == (
+        4, outcome, reply[0], reply[1], suppress)
+    assert server.data_count == 0 or server.messages[0].rcpt_tos == ["b@example.org"]
+    assert after.outcome is Outcome.SENT
+    assert server.connections == 1  # RSET kept the session for the next message
+    assert (pool.stats.sent, pool.stats.temporary, pool.stats.permanent) == (
+        1, int(outcome is Outcome.TEMPORARY), int(outcome is Outcome.PERMANENT))
+
+
+async def test_a_refused_sender_reply_is_the_result(fault_server) -> None:
+    server = await fault_server(Faults(mail={SENDER: (451, "4.3.0 sender queue full")}))
+    async with pool_for(server) as pool:
+        result = await pool.send(outgoing("a@example.org", key=9))
+    assert (result.key, result.outcome, result.code, result.text, result.suppress) == (
+        9, Outcome.TEMPORARY, 451, "4.3.0 sender queue full", False)
+    assert server.rcpt_seen == {}
+
+
+async def test_a_temporary_reply_after_data_is_temporary(fault_server) -> None:
+    server = await fault_server(Faults(data_reply={"a@example.org": (452, "4.2.2 over quota")}))
+    async with pool_for(server) as pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert (result.outcome, result.code, result.text, result.suppress) == (
+        Outcome.TEMPORARY, 452, "4.2.2 over quota", False)
+    assert pool.stats.temporary == 1 and pool.stats.sent == 0
+
+
+# -- session failures -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("exc", "code", "text"),
+    [
+        (aiosmtplib.SMTPResponseException(421, "4.3.2 closing"), 421, "4.3.2 closing"),
+        (aiosmtplib.SMTPServerDisconnected("lost it"), None, "connection failed: lost it"),
+        (TimeoutError("after 5 s"), None, "timed out: after 5 s"),
+        (TimeoutError(), None, "timed out"),
+        (ConnectionRefusedError(111, "Connection refused"), None,
+         "connection failed: [Errno 111] Connection refused"),
+        (OSError(), None, "connection failed: OSError"),
+    ],
+)
+def test_failure_results(exc: BaseException, code: int | None, text: str) -> None:
+    result = _failure(outgoing("a@example.org", key=11), exc)
+    assert result == DeliveryResult(11, Outcome.TEMPORARY, code, text, False)
+
+
+async def test_a_greeting_that_never_comes_times_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accept and say nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with SmtpPool(settings(timeout_s=0.3), host="127.0.0.1", port=port) as pool:
+            started = time.perf_counter()
+            result = await asyncio.wait_for(pool.send(outgoing("a@example.org")), 10)
+            elapsed = time.perf_counter() - started
+    finally:
+        server.close()
+    assert (result.outcome, result.code) == (Outcome.TEMPORARY, None)
+    assert result.text.startswith("timed out")
+    assert elapsed < 3
+    assert (pool.stats.connect_failures, pool.stats.cooldowns, pool.stats.connections_opened) == (
+        1, 1, 0)
+
+
+async def test_the_helo_name_is_the_configured_one_or_the_hosts(fault_server) -> None:
+    server = await fault_server()
+    async with pool_for(server, helo="mailer.imag.example.org") as pool:
+        await pool.send(outgoing("a@example.org"))
+    async with pool_for(server, helo=None) as pool:
+        await pool.send(outgoing("a@example.org"))
+    assert server.helo_names == ["mailer.imag.example.org", socket.getfqdn()]
+
+
+async def test_stats_count_opened_lost_and_replaced_sessions(fault_server) -> None:
+    server = await fault_server()
+    async with pool_for(server) as pool:
+        await pool.send(outgoing("a@example.org"))
+        server.faults.drop_in_data_every = server.data_count + 1  # the next DATA is dropped
+        lost = await pool.send(outgoing("b@example.org"))
+        server.faults.drop_in_data_every = 0
+        await pool.send(outgoing("c@example.org"))
+        await pool.send(outgoing("d@example.org"))
+    assert lost.outcome is Outcome.TEMPORARY and lost.code is None
+    assert (pool.stats.connections_opened, pool.stats.reconnects, pool.stats.sent,
+            pool.stats.temporary, pool.stats.permanent, pool.stats.connect_failures) == (
+        2, 1, 3, 1, 0, 0)
+
+
+async def test_an_idle_session_the_server_closed_is_replaced(fault_server) -> None:
+    server = await fault_server()
+    async with pool_for(server) as pool:
+        await pool.send(outgoing("a@example.org"))
+        server.hang_up()  # the idle session is closed by the server
+        await asyncio.sleep(0.05)
+        result = await pool.send(outgoing("b@example.org"))
+    assert result.outcome is Outcome.SENT
+    assert (pool.stats.connections_opened, pool.stats.reconnects) == (2, 1)
+
+
+async def test_no_reconnect_is_counted_for_sessions_closed_on_purpose(fault_server) -> None:
+    server = await fault_server()
+    pool = pool_for(server)
+    await pool.send(outgoing("a@example.org"))
+    await pool.aclose()
+    await pool.send(outgoing("b@example.org"))  # after close: a fresh session, not a reconnect
+    assert (pool.stats.connections_opened, pool.stats.reconnects) == (2, 0)
+    for _ in range(100):  # the send after aclose() did not pool its session
+        if server.active_connections == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.active_connections == 0
+
+
+async def test_cooldown_doubles_up_to_its_ceiling_and_is_logged(fault_server, caplog) -> None:
+    server = await fault_server(Faults(connect_421=8))
+    fake = FakeTime()
+    caplog.set_level("INFO", logger="mailer.transport")
+    async with pool_for(server, clock=fake.clock, sleep=fake.sleep) as pool:
+        for _ in range(9):
+            await pool.send(outgoing("a@example.org"))
+    assert fake.sleeps == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert pool.stats.cooldowns == 8
+    waits = [r.getMessage() for r in caplog.records if "new connections wait" in r.getMessage()]
+    assert waits[0] == (f"relay {pool.address} unavailable (421 4.3.2 try later): "
+                        "new connections wait 0.5 s")
+    assert waits[-1].endswith("new connections wait 30.0 s") and len(waits) == 8
+
+
+async def test_the_cooldown_reason_of_a_silent_failure_names_the_error(fault_server,
+                                                                       caplog) -> None:
+    server = await fault_server(Faults(refuse_connections=True))
+    caplog.set_level("INFO", logger="mailer.transport")
+    async with pool_for(server, clock=FakeTime().clock, sleep=FakeTime().sleep) as pool:
+        await pool.send(outgoing("a@example.org"))
+    [line] = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert re.fullmatch(rf"relay {pool.address} unavailable \(\S.*\): new connections wait 0\.5 s",
+                        line), line
+
+
+# -- logging in ---------------------------------------------------------------------------------
+
+async def _wrong_password(fault_server, tls_contexts, refusal: str) -> tuple[FaultServer, SmtpPool]:
+    """A relay refusing the password "falsch" with `refusal`, and a pool that offers it."""
+    server_ctx, client_ctx = tls_contexts
+    faults = Faults(auth=("imag", "geheim"), auth_refusal=refusal)
+    server = await fault_server(faults, starttls=server_ctx)
+    return server, pool_for(server, username="imag", password="falsch", tls_context=client_ctx)
+
+
+async def test_a_temporary_login_refusal_is_retried_not_fatal(fault_server, tls_contexts) -> None:
+    server, pool = await _wrong_password(fault_server, tls_contexts, "454 4.7.0 try again later")
+    async with pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert (result.outcome, result.code) == (Outcome.TEMPORARY, 454)
+    assert server.messages == [] and server.auth_attempts >= 1
+
+
+async def test_a_permanent_login_refusal_names_the_reply(fault_server, tls_contexts) -> None:
+    _, pool = await _wrong_password(fault_server, tls_contexts, "535 5.7.8 credentials invalid")
+    async with pool:
+        with pytest.raises(AuthenticationFailure) as caught:
+            await pool.send(outgoing("a@example.org"))
+    assert str(caught.value) == (
+        f"the relay {pool.address} refused the login for 'imag': 535 5.7.8 credentials invalid "
+        "(check MAILER_SMTP_USERNAME / MAILER_SMTP_PASSWORD)")
+    assert caught.value.code == 535
+
+
+async def test_an_empty_password_is_sent_as_empty(fault_server, tls_contexts) -> None:
+    server_ctx, client_ctx = tls_contexts
+    server = await fault_server(Faults(auth=("imag", "")), starttls=server_ctx)
+    async with pool_for(server, username="imag", tls_context=client_ctx) as pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert result.outcome is Outcome.SENT and server.auth_attempts == 1
+
+
+async def test_a_relay_without_auth_cannot_log_in(fault_server, tls_contexts) -> None:
+    server_ctx, client_ctx = tls_contexts
+    server = await fault_server(tls=server_ctx, offer_auth=False)
+    async with pool_for(server, tls="tls", username="imag", password="geheim",
+                        tls_context=client_ctx) as pool:
+        with pytest.raises(AuthenticationFailure) as caught:
+            await pool.send(outgoing("a@example.org"))
+    assert str(caught.value) == (
+        f"the relay {pool.address} does not offer AUTH (RFC 4954), "
+        "so the configured smtp.username cannot log in")
+    assert server.auth_attempts == 0 and server.messages == []
+
+
+async def test_implicit_tls_logs_in_without_starttls(fault_server, tls_contexts) -> None:
+    server_ctx, client_ctx = tls_contexts
+    server = await fault_server(Faults(auth=("imag", "geheim")), tls=server_ctx)
+    async with pool_for(server, tls="tls", username="imag", password="geheim",
+                        tls_context=client_ctx) as pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert result.outcome is Outcome.SENT and server.auth_attempts == 1
+
+
+async def test_plain_text_refusal_names_the_relay(fault_server) -> None:
+    server = await fault_server(Faults(auth=("imag", "geheim")))
+    async with pool_for(server, username="imag", password="geheim") as pool:
+        with pytest.raises(AuthenticationFailure) as caught:
+            await pool.send(outgoing("a@example.org"))
+    assert str(caught.value).startswith(
+        f"refusing to send the SMTP password to {pool.address} over an unencrypted connection")
+
+
+def test_the_address_names_host_and_port() -> None:
+    pool = SmtpPool(settings(), host="relay.example.org", port=2525)
+    assert pool.address == "relay.example.org:2525"
+    configured = SmtpPool(settings(host="relay.example.org", port=587))
+    assert configured.address == "relay.example.org:587"
+    default = SmtpPool(settings(host="relay.example.org"))
+    assert default.address == "relay.example.org:default port"
