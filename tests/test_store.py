@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -167,3 +168,45 @@ def test_open_store_on_a_current_database_runs_no_migration(
     monkeypatch.setattr(store_db, "migrate", lambda *a, **k: calls.append(a))
     open_store(url)
     assert calls == []
+
+
+# Started at one instant (argv[2], a time.time() value), as a process manager starts services.
+_TOGETHER = """
+import sys, time
+from mailer.config import load_settings
+from mailer.store import open_store
+settings = load_settings(sys.argv[1], env={"MAILER_DATABASE_URL": sys.argv[3]})
+while time.time() < float(sys.argv[2]):
+    pass
+open_store(settings.database_url).dispose()
+print(settings.secret())
+"""
+
+
+@both_databases
+def test_processes_starting_together_on_an_empty_database_all_start(project: Project) -> None:
+    """Migrations and the key file are made once, whoever comes first; nobody fails."""
+    import subprocess
+    import sys
+    import time
+
+    pg = project.env.get("MAILER_DATABASE_URL")
+    rounds = 1 if pg else 6
+    for i in range(rounds):
+        url = pg or f"sqlite:///{project.root / 'var' / f'round{i}.db'}"
+        key = project.root / "var" / "secret.key"
+        key.unlink(missing_ok=True)
+        at = f"{time.time() + 1.5:.3f}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+        children = [subprocess.Popen([sys.executable, "-c", _TOGETHER, str(project.config), at,
+                                      url], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outputs = [child.communicate(timeout=60) for child in children]
+        problems = [err.strip().splitlines()[-1:] for (_, err), child in zip(
+            outputs, children, strict=True) if child.returncode != 0]
+        assert problems == [], f"round {i}: {problems}"
+        keys = {out.strip() for out, _ in outputs}
+        assert keys == {key.read_text().strip()} and len(keys.pop()) >= 32
+        store = open_store(url)
+        assert store_db.at_head(store.engine) and "runs" in tables(store)
+        store.dispose()
