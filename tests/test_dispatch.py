@@ -112,6 +112,11 @@ async def test_no_such_user_fails_and_suppresses(project, fault_server):  # noqa
         (failure,) = q.failures_by_code(conn, result.run.id)
         events = [dict(r._mapping) for r in conn.execute(consent_events.select())]
     assert failure[0] == 550
+    with store.engine.connect() as conn:
+        [held] = q.list_suppressions(conn)
+    assert (held["email_key"], held["reason"], held["source"]) == (
+        "gone@example.org", "hard_bounce", "smtp")
+    assert held["detail"] == "550 5.1.1 no such user"
     # A consent event like every other reason an address stops getting mail (DESIGN).
     assert [(e["email_key"], e["event"], e["list_name"], e["source"]) for e in events] == [
         ("gone@example.org", "bounced", "*", "smtp")]
@@ -129,6 +134,58 @@ async def test_policy_rejection_fails_without_suppressing(project, fault_server)
     assert result.counts["failed"] == 1
     with store.engine.connect() as conn:
         assert q.suppressed_among(conn, [("policy@example.org", "crowd")]) == set()
+
+
+async def test_each_result_is_recorded_with_code_time_and_message_id(
+        project, fault_server):  # noqa: F811
+    project.crowd(4, special={3: "busy@example.org"})
+    server = await fault_server(Faults(rcpt={"busy@example.org": (451, "4.3.0 busy")}))
+    settings, store, checked, run = planned(project, server)
+    before = q.utcnow()
+    async with SmtpPool(settings.smtp) as pool:  # a limit of 4: one attempt each
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool,
+                                   limit=4)
+    after = q.utcnow()
+    assert result.sent_now == 3 and result.stopped
+    assert result.counts == {"pending": 1, "sending": 0, "sent": 3, "failed": 0, "bounced": 0}
+    with store.engine.connect() as conn:
+        rows = {r.email_key: r for r in conn.execute(deliveries.select())}
+    ids = {email.message_from_bytes(m.content)["Message-ID"]: m.rcpt_tos[0]
+           for m in server.messages}
+    for key, row in rows.items():
+        if key == "busy@example.org":
+            # Waiting for its retry, it keeps the reply it got and the Message-ID it will reuse.
+            assert (row.status, row.smtp_code, row.smtp_text, row.sent_at) == (
+                "pending", 451, "4.3.0 busy", None)
+            assert row.message_id and row.message_id not in ids
+            continue
+        assert (row.status, row.smtp_code, row.smtp_text) == ("sent", 250, "2.0.0 OK")
+        assert ids[row.message_id] == key
+        assert before <= q.as_utc(row.sent_at) <= after
+
+
+async def test_a_limit_is_the_number_of_transactions(project, fault_server):  # noqa: F811
+    project.crowd(10)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server)
+    async with SmtpPool(settings.smtp) as pool:
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool,
+                                   limit=3)
+    assert len(server.messages) == 3 and result.sent_now == 3
+    assert result.counts["sent"] == 3 and result.counts["pending"] == 7 and result.stopped
+
+
+async def test_long_replies_are_kept_to_500_characters(project, fault_server):  # noqa: F811
+    project.crowd(2, special={0: "long@example.org", 1: "busy@example.org"})
+    server = await fault_server(Faults(rcpt={"long@example.org": (550, "5.7.1 " + "x" * 600),
+                                             "busy@example.org": (451, "4.3.0 " + "x" * 600)}))
+    _, store, result = await send_all(project, server, MAILER_SMTP_MAX_ATTEMPTS="1")
+    assert result.counts["failed"] == 2
+    with store.engine.connect() as conn:
+        rows = {r.email_key: r.smtp_text for r in conn.execute(deliveries.select())}
+    assert len(rows["long@example.org"]) == 500 and rows["long@example.org"].startswith("5.7.1")
+    assert len(rows["busy@example.org"]) == 500
+    assert rows["busy@example.org"].startswith("gave up after 1 attempts: 4.3.0 xxx")
 
 
 async def test_gives_up_after_max_attempts(project, fault_server):  # noqa: F811
@@ -515,7 +572,7 @@ def test_a_claim_of_another_users_live_process_is_not_stale() -> None:
 
 @both_databases
 async def test_live_workers_keep_their_claims_and_gone_ones_lose_them(
-        project, fault_server):  # noqa: F811
+        project, fault_server, caplog):  # noqa: F811
     """Rows left `sending`: taken over at once from an ended process or from another machine's
     expired lease; never from a live worker here, however old its claim, until it ends."""
     project.crowd(4)
@@ -555,6 +612,8 @@ async def test_live_workers_keep_their_claims_and_gone_ones_lose_them(
     assert sorted(m.rcpt_tos[0] for m in server.messages) == [
         f"person{i}@example.org" for i in range(4)]
     assert result.counts["sent"] == 4 and result.recovered == 2
+    assert (f"run {run.id}: 2 rows were in flight when the last process stopped; they are "
+            "retried (at most 1 can have been delivered twice)") in caplog.messages
     with store.engine.connect() as conn:
         assert q.get_run(conn, run.id).in_flight_recovered == 3
 
