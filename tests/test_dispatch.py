@@ -61,6 +61,16 @@ async def send_all(project: Project, server: FaultServer, **env: str):
     return settings, store, result
 
 
+class Notes:
+    """A progress display that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, str]] = []
+
+    def update(self, *, done: int, total: int, note: str = "") -> None:
+        self.calls.append((done, total, note))
+
+
 @both_databases
 async def test_every_recipient_gets_exactly_one_mail(project, fault_server):  # noqa: F811
     addresses = project.crowd(60)
@@ -248,10 +258,36 @@ async def test_suppressed_after_snapshot_is_never_sent(project, fault_server):  
     assert plan.run is not None
     with store.engine.begin() as conn:
         q.suppress(conn, "person2@example.org", reason="unsubscribed", list_name="crowd")
+    notes = Notes()
     async with SmtpPool(settings.smtp) as pool:
-        result = await deliver_run(settings, store, checked.rendition, plan.run, transport=pool)
+        result = await deliver_run(settings, store, checked.rendition, plan.run, transport=pool,
+                                   progress=notes)
     assert "person2@example.org" not in {m.rcpt_tos[0] for m in server.messages}
     assert result.counts["failed"] == 1 and result.counts["sent"] == 4
+    assert notes.calls[-1] == (5, 5, "")  # the suppressed row counts as done, once
+    with store.engine.connect() as conn:
+        [row] = [r for r in conn.execute(deliveries.select()) if r.status == "failed"]
+    assert (row.email_key, row.smtp_code, row.smtp_text) == (
+        "person2@example.org", None, "not sent: the address is suppressed")
+
+
+async def test_a_resumed_run_starts_its_progress_at_what_is_done(
+        project, fault_server):  # noqa: F811
+    project.crowd(5, special={0: "gone@example.org"})
+    server = await fault_server(Faults(rcpt={"gone@example.org": (550, "5.1.1 no such user")}))
+    settings, store, checked, run = planned(project, server)
+    async with SmtpPool(settings.smtp) as pool:
+        await deliver_run(settings, store, checked.rendition, run, transport=pool, limit=2)
+        with store.engine.begin() as conn:
+            [sent] = [r for r in conn.execute(deliveries.select()) if r.status == "sent"]
+            assert q.mark_bounced(conn, sent.id, code=550, reason="5.1.1 returned later")
+            assert q.status_counts(conn, run.id) == {
+                "pending": 3, "sending": 0, "sent": 0, "failed": 1, "bounced": 1}
+        notes = Notes()
+        await deliver_run(settings, store, checked.rendition, run, transport=pool,
+                          progress=notes)
+    assert notes.calls[0] == (2, 5, "")  # one failed and one bounced are done
+    assert notes.calls[-1] == (5, 5, "")
 
 
 async def test_headers_of_a_delivered_mail(project, fault_server):  # noqa: F811
@@ -642,16 +678,6 @@ async def test_retries_wait_exponentially_longer(project, fault_server):  # noqa
     for i, gap in enumerate(gaps):
         expected = 0.15 * 2 ** i
         assert 0.8 * expected <= gap <= 1.2 * expected + 0.5, (i, gaps)
-
-
-class Notes:
-    """A progress display that keeps what it was told."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, int, str]] = []
-
-    def update(self, *, done: int, total: int, note: str = "") -> None:
-        self.calls.append((done, total, note))
 
 
 async def test_waiting_for_a_retry_says_until_when_in_local_time(project, fault_server):  # noqa: F811
