@@ -392,7 +392,8 @@ def test_a_bad_row_late_in_a_list_leaves_no_half_written_run(project: Project) -
         assert conn.exec_driver_sql("select count(*) from deliveries").scalar() == 0
 
 
-async def test_a_recipient_missing_a_merge_field_fails_alone(project, fault_server):  # noqa: F811
+async def test_a_recipient_missing_a_merge_field_fails_alone(
+        project, fault_server, caplog):  # noqa: F811
     from mailer.audience import Recipient
     from mailer.dispatch import start_run
 
@@ -407,13 +408,76 @@ async def test_a_recipient_missing_a_merge_field_fails_alone(project, fault_serv
               Recipient(email="b@example.org", fields={}, list="crowd")]  # e.g. a stale row
     run, _ = start_run(store, campaign_id="crowd", occurrence="once", trigger="send",
                        recipients=people)
+    notes = Notes()
     async with SmtpPool(settings.smtp) as pool:
-        result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool,
+                                   progress=notes)
     assert result.counts["sent"] == 1 and result.counts["failed"] == 1
     assert [m.rcpt_tos[0] for m in server.messages] == ["a@example.org"]
+    assert notes.calls[-1] == (2, 2, "")  # the failed row is done
     with store.engine.connect() as conn:
         (row,) = q.failed_rows(conn, run.id)
     assert "could not be built" in row[3] and "stadtteil" in row[3]
+    [logged] = [r.getMessage() for r in caplog.records if "could not be built" in r.getMessage()]
+    assert logged.startswith(f"run row {row[0]}: the message could not be built: ")
+    assert "stadtteil" in logged and "b@example.org" not in logged
+
+
+async def test_each_mail_goes_in_its_recipients_language(project, fault_server):  # noqa: F811
+    project.list_file("crowd.csv", "email,name,language\na@example.org,A,de\nb@example.org,B,tr\n")
+    project.campaign("crowd.yaml", CAMPAIGN + """\
+  tr:
+    subject: "Merhaba {{ recipient.name }}"
+    blocks:
+      - text: "FORUM INTEGRATION sizi davet ediyor."
+""")
+    server = await fault_server()
+    await send_all(project, server)
+    subjects = {m.rcpt_tos[0]: email.message_from_bytes(m.content, policy=email.policy.default)
+                for m in server.messages}
+    assert subjects["a@example.org"]["Subject"] == "Hallo A"
+    assert subjects["b@example.org"]["Subject"] == "Merhaba B"
+    assert subjects["b@example.org"]["Content-Language"] == "tr"
+
+
+async def test_without_a_transport_the_configured_relay_is_used(project, fault_server):  # noqa: F811
+    project.crowd(3)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server)
+    result = await deliver_run(settings, store, checked.rendition, run)
+    assert result.counts["sent"] == 3 and len(server.messages) == 3
+
+
+async def test_a_run_stopped_before_it_starts_sends_nothing(project, fault_server):  # noqa: F811
+    project.crowd(3)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server)
+    stop = asyncio.Event()
+    stop.set()
+    async with SmtpPool(settings.smtp) as pool:
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool,
+                                   stop=stop)
+    assert server.messages == [] and result.stopped and result.counts["pending"] == 3
+
+
+async def test_with_a_bounce_address_each_delivery_has_its_own_return_path(
+        project, fault_server):  # noqa: F811
+    from mailer.tokens import Tokens
+
+    project.crowd(3)
+    server = await fault_server()
+    settings, store, checked, run = planned(
+        project, server, MAILER_BOUNCES_ADDRESS="bounces@imag.example.org")
+    async with SmtpPool(settings.smtp) as pool:
+        await deliver_run(settings, store, checked.rendition, run, transport=pool)
+    tokens = Tokens(settings.secret())
+    with store.engine.connect() as conn:
+        ids = {r.email_key: r.id for r in conn.execute(deliveries.select())}
+    for message in server.messages:
+        local, _, domain = message.mail_from.partition("@")
+        base, _, token = local.partition("+")
+        assert (base, domain) == ("bounces", "imag.example.org")
+        assert tokens.read_verp(token) == (run.id, ids[message.rcpt_tos[0]])
 
 
 async def test_a_relay_saying_421_on_connect_slows_the_run_down_not_fails_it(
@@ -507,6 +571,10 @@ async def test_a_failed_ledger_write_stops_the_run_and_a_restart_recovers(
         await asyncio.sleep(0.5)  # nothing keeps sending in the background either
     assert isinstance(raised.value.__cause__, DBAPIError)
     assert "@" not in str(raised.value)  # no address from the failed statement
+    assert "SQL" not in str(raised.value)  # the database's reason, not the statement
+    assert str(raised.value).startswith("the ledger could not record a delivery (")
+    assert str(raised.value).endswith(
+        "); sending stopped, and starting the run again resumes it")
     delivered = len(server.messages)
     assert 1 <= delivered <= 2  # no transaction started after the write failed
     with store.engine.connect() as conn:
@@ -528,6 +596,25 @@ async def test_a_failed_ledger_write_stops_the_run_and_a_restart_recovers(
     assert duplicates == delivered == result.recovered  # the in-flight window, counted
     with store.engine.connect() as conn:
         assert q.get_run(conn, run.id).in_flight_recovered == delivered
+
+
+async def test_a_fresh_claim_of_another_machine_is_left_alone(project, fault_server):  # noqa: F811
+    project.crowd(2)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server)
+    with store.engine.begin() as conn:
+        conn.execute(update(deliveries).where(deliveries.c.email_key == "person1@example.org")
+                     .values(status="sending", claimed_by="mailer-2.example.org:4242:aaaaaa",
+                             claimed_at=q.utcnow(), attempts=1))
+    stop = asyncio.Event()
+    async with SmtpPool(settings.smtp) as pool:
+        task = asyncio.create_task(deliver_run(settings, store, checked.rendition, run,
+                                               transport=pool, stop=stop))
+        await asyncio.sleep(2.5)  # two polls for the rows others hold
+        stop.set()
+        result = await asyncio.wait_for(task, 10)
+    assert [m.rcpt_tos[0] for m in server.messages] == ["person0@example.org"]
+    assert result.stopped and result.counts["sending"] == 1 and result.recovered == 0
 
 
 def _gone_pid() -> int:
