@@ -617,6 +617,33 @@ async def test_a_fresh_claim_of_another_machine_is_left_alone(project, fault_ser
     assert result.stopped and result.counts["sending"] == 1 and result.recovered == 0
 
 
+def test_a_run_keeps_when_it_was_due_and_how_late_it_started(project: Project) -> None:
+    from datetime import UTC, datetime
+
+    from mailer.audience import Recipient
+    from mailer.dispatch import start_run
+
+    store = open_store(project.settings().database_url)
+    due = datetime(2026, 11, 29, 9, 30, tzinfo=UTC)
+    run, _ = start_run(store, campaign_id="c", occurrence="2026-11-29T09:30:00+00:00",
+                       trigger="schedule", recipients=[
+                           Recipient(email="a@example.org", language="tr", list="crowd")],
+                       scheduled_at=due, late_s=12.5)
+    assert (q.as_utc(run.scheduled_at), run.late_s, run.trigger) == (due, 12.5, "schedule")
+    with store.engine.connect() as conn:
+        [row] = conn.execute(deliveries.select()).all()
+    assert (row.email, row.language, row.list_name) == ("a@example.org", "tr", "crowd")
+
+
+def test_worker_ids_name_host_and_process() -> None:
+    import re
+
+    ids = {worker_id() for _ in range(20)}
+    assert len(ids) == 20
+    pattern = rf"{re.escape(socket.gethostname())}:{os.getpid()}:[0-9a-f]{{6}}"
+    assert all(re.fullmatch(pattern, i) for i in ids), ids
+
+
 def _gone_pid() -> int:
     """The pid of a process that has ended (and been reaped)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
