@@ -163,7 +163,7 @@ def is_fire_time(campaign: Campaign, settings: Settings, when: datetime) -> bool
     if campaign.schedule is None:
         return False
     trigger = trigger_for(campaign, settings)
-    probe = when.astimezone(settings.tz) - timedelta(microseconds=1)
+    probe = when.astimezone(UTC) - timedelta(microseconds=1)  # wall clock: DST nights skew it
     if isinstance(trigger, DateTrigger):
         return trigger.run_date.astimezone(UTC) == when.astimezone(UTC)
     nxt = trigger.get_next_fire_time(None, probe)
@@ -633,8 +633,8 @@ class Runner:
                 note_run(conn, firing.run.id, cut)
                 return q.get_run(conn, firing.run.id)
             decision = firing.decision
-            scheduled = (decision.scheduled_at if decision else
-                         max(firing.run_times, key=lambda d: d.astimezone(UTC), default=None))
+            scheduled = (decision.scheduled_at if decision else  # in UTC, as SQLite keeps it
+                         max((d.astimezone(UTC) for d in firing.run_times), default=None))
             schedule = firing.campaign.schedule if firing.campaign else None
             if decision is not None and decision.occurrence in (ONCE, MISSED_ONCE):
                 occurrence = FAILED_ONCE
@@ -732,11 +732,15 @@ class Runner:
         with self.store.engine.connect() as conn:
             latest = q.latest_scheduled(conn, found[1].campaign.id)
         lost: list[datetime] = []
+        # In UTC: times in the trigger's zone compare and add on the wall clock, which goes
+        # back in the repeated hour of the fall-back night.
+        until = job.next_run_time.astimezone(UTC)
         when = job.trigger.get_next_fire_time(None, start)
-        while when is not None and when < job.next_run_time and when <= now:
+        while when is not None and when < until and when <= now:
             if latest is None or when > latest:
                 lost.append(when)
-            when = job.trigger.get_next_fire_time(when, when + timedelta(microseconds=1))
+            when = job.trigger.get_next_fire_time(
+                when, when.astimezone(UTC) + timedelta(microseconds=1))
         return lost
 
     async def catch_up(self, scheduler: AsyncIOScheduler, before: dict[str, str]) -> None:
