@@ -130,7 +130,7 @@ def subscribers_import(ctx: Ctx, file: str, list_name: str, consent_source: str 
 
 
 async def _send_confirmations(ctx: Ctx, people: list[Any], list_name: str) -> int:
-    from .dispatch import open_transport
+    from .relay import open_transport
     from .tokens import Tokens
     from .transport import Outcome
     from .web.mails import send_confirmation

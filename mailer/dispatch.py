@@ -17,7 +17,7 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -30,6 +30,7 @@ from .compose import Composer, message_id
 from .config import Settings
 from .errors import AuthenticationFailure, LedgerError
 from .redact import redact_addresses
+from .relay import open_transport
 from .render import Rendition
 from .store import DeliveryStatus, RunStatus, Store
 from .store import queries as q
@@ -400,22 +401,6 @@ def start_run(
     return run, created
 
 
-@contextlib.asynccontextmanager
-async def open_transport(settings: Settings) -> AsyncIterator[Transport]:
-    """The configured relay, or the embedded capture server writing to var/outbox/."""
-    from .capture import CaptureServer
-    from .transport import SmtpPool
-
-    if not settings.smtp.embedded:
-        async with SmtpPool(settings.smtp) as pool:
-            yield pool
-        return
-    async with CaptureServer(outbox=settings.outbox_dir) as server, SmtpPool(
-        settings.smtp, host=server.host, port=server.port
-    ) as pool:
-        yield pool
-
-
 async def deliver_run(
     settings: Settings,
     store: Store,
@@ -431,7 +416,7 @@ async def deliver_run(
     composer = Composer(rendition, settings, tokens=Tokens(settings.secret()))
     async with contextlib.AsyncExitStack() as stack:
         if transport is None:
-            transport = await stack.enter_async_context(open_transport(settings))
+            transport = await stack.enter_async_context(open_transport(settings, store=store))
         dispatcher = Dispatcher(store=store, transport=transport, composer=composer,
                                 settings=settings, stop=stop or asyncio.Event(),
                                 progress=progress or NoProgress(), limit=limit)

@@ -17,7 +17,8 @@ from .audience import Recipient, email_key, iter_audience, normalise_address, re
 from .checks import Checked, sample_recipient
 from .compose import Composer, message_id
 from .config import Settings
-from .dispatch import RunResult, deliver_run, open_transport, start_run
+from .dispatch import RunResult, deliver_run, start_run
+from .relay import open_transport
 from .errors import UserError
 from .store import RunStatus, Store
 from .store import queries as q

@@ -130,6 +130,10 @@ class TokenBucket:
             raise
 
 
+class Limiter(Protocol):
+    async def acquire(self) -> None: ...
+
+
 class RateLimiter:
     """The pool's one limiter: `rate_per_second` (burst max(1, rate)), optionally `rate_per_hour`.
 
@@ -182,6 +186,7 @@ class SmtpPool:
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         tls_context: ssl.SSLContext | None = None,
+        limiter: Limiter | None = None,  # default: this pool's own RateLimiter
     ) -> None:
         self._settings = settings
         self._host = host or settings.host
@@ -192,7 +197,7 @@ class SmtpPool:
         self._local_hostname = settings.helo
         self._clock = clock
         self._sleep = sleep
-        self._limiter = RateLimiter(settings, clock=clock, sleep=sleep)
+        self._limiter = limiter or RateLimiter(settings, clock=clock, sleep=sleep)
         self._slots = asyncio.Semaphore(settings.pool_size)
         self._idle: list[aiosmtplib.SMTP] = []
         self._lost = 0

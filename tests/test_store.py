@@ -84,6 +84,7 @@ def test_erased_addresses_stay_suppressed_by_hash(project: Project) -> None:
 CREATED = {
     "0001": {"runs", "deliveries", "suppressions"},
     "0002": {"subscribers", "memberships", "consent_events", "confirm_nonces"},
+    "0005": {"send_quota"},
 }
 
 

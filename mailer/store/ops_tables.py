@@ -19,3 +19,14 @@ heartbeats = Table(
     Column("pid", Integer, nullable=False, default=0),
     Column("beat_at", Float, nullable=False),  # Unix time (seconds), as Prometheus wants it
 )
+
+# The relay's rate limits as token buckets shared by every process that sends through this
+# database (mailer/quota.py): a provider's quota is per account, not per process. One row per
+# bucket; `tokens` may go negative - that is the debt the callers are sleeping off.
+send_quota = Table(
+    "send_quota",
+    metadata,
+    Column("name", String(40), primary_key=True),  # "second" or "hour"
+    Column("tokens", Float, nullable=False),
+    Column("stamp", Float, nullable=False),  # Unix time of the last refill
+)

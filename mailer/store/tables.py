@@ -88,6 +88,7 @@ deliveries = Table(
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("claimed_by", String(120)),
     Column("claimed_at", DateTime(timezone=True)),
+    Column("sent_by", String(120)),  # the worker (host:pid:tag) that made the last attempt
     Column("smtp_code", Integer),
     Column("smtp_text", String(500)),
     Column("message_id", String(200)),

@@ -104,7 +104,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        from ..dispatch import open_transport
+        from ..relay import open_transport
 
         if web.transport is not None:
             yield

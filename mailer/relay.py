@@ -1,0 +1,41 @@
+"""Opening the configured relay: the SMTP pool, or the embedded capture server behind one.
+
+Beside the transport rather than in dispatch: the web app (confirmation mails) and `mailer
+send --to` open a relay too, and need nothing else of the sending machinery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from .config import Settings
+from .store import Store
+from .transport import Limiter, SmtpPool, Transport
+
+
+@contextlib.asynccontextmanager
+async def open_transport(settings: Settings, *, store: Store | None = None,
+                         pool_size: int | None = None) -> AsyncIterator[Transport]:
+    """The relay of `settings.smtp`, or a capture server writing to var/outbox/.
+
+    With `store`, the rate limits are the database's shared buckets (quota.py): totals across
+    every process sending through that database. `pool_size` overrides smtp.pool_size (a
+    worker's share of `mailer send --workers`)."""
+    from .capture import CaptureServer
+
+    smtp = settings.smtp if pool_size is None else settings.smtp.model_copy(
+        update={"pool_size": pool_size})
+    limiter: Limiter | None = None
+    if store is not None:
+        from .quota import SharedRateLimiter
+
+        limiter = SharedRateLimiter(store.engine, smtp)
+    if not smtp.embedded:
+        async with SmtpPool(smtp, limiter=limiter) as pool:
+            yield pool
+        return
+    async with CaptureServer(outbox=settings.outbox_dir) as server, SmtpPool(
+        smtp, host=server.host, port=server.port, limiter=limiter
+    ) as pool:
+        yield pool
