@@ -18,7 +18,7 @@ import copy
 import difflib
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,23 +84,30 @@ class Located:
         return self.lines.get((), None)
 
 
-def read_text(path: Path, *, error: type[UserError], max_bytes: int = MAX_FILE_BYTES) -> str:
-    """Read a UTF-8 file, refusing absurd sizes and wrong encodings in one sentence."""
+def file_size(path: Path, *, error: type[UserError], max_bytes: int) -> int:
+    """The size of a file that may be read, by stat() before reading: a 10 GB file is refused
+    without touching it."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise error("file not found; check the path", path=path) from None
     except OSError as exc:
         raise error(f"cannot read the file ({exc.strerror})", path=path) from None
-    if size > max_bytes:  # before reading: a 10 GB file is refused without touching it
-        raise _too_big(size, max_bytes, path=path, error=error)
+    if size > max_bytes:
+        raise too_big(size, max_bytes, path=path, error=error)
+    return size
+
+
+def read_text(path: Path, *, error: type[UserError], max_bytes: int = MAX_FILE_BYTES) -> str:
+    """Read a UTF-8 file, refusing absurd sizes and wrong encodings in one sentence."""
+    file_size(path, error=error, max_bytes=max_bytes)
     try:
         with path.open("rb") as stream:
             raw = stream.read(max_bytes + 1)  # the file may have grown since stat()
     except OSError as exc:
         raise error(f"cannot read the file ({exc.strerror})", path=path) from None
     if len(raw) > max_bytes:
-        raise _too_big(len(raw), max_bytes, path=path, error=error)
+        raise too_big(len(raw), max_bytes, path=path, error=error)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -110,7 +117,7 @@ def read_text(path: Path, *, error: type[UserError], max_bytes: int = MAX_FILE_B
         ) from None
 
 
-def _too_big(size: int, max_bytes: int, *, path: Path, error: type[UserError]) -> UserError:
+def too_big(size: int, max_bytes: int, *, path: Path, error: type[UserError]) -> UserError:
     return error(f"file is {size // 1024} KiB, more than the {max_bytes // 1024} KiB allowed",
                  path=path)
 
@@ -118,13 +125,45 @@ def _too_big(size: int, max_bytes: int, *, path: Path, error: type[UserError]) -
 def load_yaml(path: Path, *, error: type[UserError], text: str | None = None,
               budget: Budget = DOCUMENT) -> Located:
     """Parse one YAML document within `budget`; every problem is an `error` with file and line."""
+    builder = _Builder(path=path, error=error, budget=budget)
+    for _ in _feed(builder, text):
+        pass
+    return Located(data=builder.root, path=path, lines=builder.lines)
+
+
+def iter_entries(path: Path, *, error: type[UserError], budget: Budget,
+                 not_a_list: str) -> Iterator[tuple[int, Any]]:
+    """The entries of a document that is one list, each with the line it starts on, built as
+    `load_yaml` builds them (same budget, same sentences) but handed out one at a time and not
+    kept: memory holds the text and one entry, not every entry. An empty document has none;
+    any other document is an `error` saying `not_a_list`."""
+    builder = _Builder(path=path, error=error, budget=budget)
+    done = 0
+    for _ in _feed(builder, None):
+        root = builder.root
+        if len(builder.stack) == 1 and isinstance(root, list) and len(root) > done:
+            # entry `done` is complete; its slot stays (as None) so that later entries keep
+            # their index, which the line table is keyed by
+            entry, root[done] = root[done], None
+            line = builder.lines.get((done,), 0)
+            builder.lines.clear()
+            done += 1
+            yield line, entry
+    if builder.root and not isinstance(builder.root, list):
+        raise error(not_a_list, path=path, line=1)
+
+
+def _feed(builder: _Builder, text: str | None) -> Iterator[None]:
+    """Feed the events of the builder's file (or `text`) to it, pausing after each: every
+    problem becomes one sentence naming file and line."""
+    path, error, budget = builder.path, builder.error, builder.budget
     if text is None:
         text = read_text(path, error=error, max_bytes=budget.max_bytes)
     _check_text(text, path=path, error=error, budget=budget)
-    builder = _Builder(path=path, error=error, budget=budget)
     try:
         for event in yaml.parse(text, Loader=_Parser):
             builder.feed(event)
+            yield
     except UserError:
         raise
     except yaml.YAMLError as exc:
@@ -133,12 +172,11 @@ def load_yaml(path: Path, *, error: type[UserError], text: str | None = None,
         log.debug("unexpected error reading %s", path, exc_info=True)
         raise error(f"cannot read this file as YAML ({type(exc).__name__}: "
                     f"{_first_line(exc)})", path=path, line=builder.line) from None
-    return Located(data=builder.root, path=path, lines=builder.lines)
 
 
 def _check_text(text: str, *, path: Path, error: type[UserError], budget: Budget) -> None:
     if len(text) > budget.max_bytes:
-        raise _too_big(len(text.encode("utf-8", "surrogatepass")), budget.max_bytes,
+        raise too_big(len(text.encode("utf-8", "surrogatepass")), budget.max_bytes,
                        path=path, error=error)
     bad = _NON_PRINTABLE.search(text)
     if bad is not None:
