@@ -77,9 +77,9 @@ def main() -> None:
     try:
         settings = load_settings(folder / "config.yaml", {"MAILER_SECRET_KEY": BENCH_SECRET})
         checked = check_campaign(folder / "campaigns" / "bench-40k.yaml", settings)
+        people = list(checked.recipients)  # read from the list files before they go
     finally:
         shutil.rmtree(folder)
-    people = checked.recipients
     n = len(people)
     composer = Composer(checked.rendition, settings, tokens=Tokens("bench-secret"))
     rendition = checked.rendition

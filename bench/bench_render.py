@@ -84,7 +84,7 @@ def bench_campaign(path: Path, settings: Settings, args: argparse.Namespace) -> 
 
     # -- per recipient ----------------------------------------------------------------------
     n = args.recipients
-    people = recipients_for(checked.recipients, langs, n)
+    people = recipients_for(list(checked.recipients), langs, n)
     composer = Composer(rendition, settings, tokens=Tokens("bench-secret"))
     links = [composer.links(r) for r in people]
     lrs = [rendition.for_language(r.language) for r in people]

@@ -1,4 +1,10 @@
-"""Resolve a campaign's lists into recipients: validate, de-duplicate, drop suppressed."""
+"""Resolve a campaign's lists into recipients: validate, de-duplicate, drop suppressed.
+
+Lists are read as streams and never held whole: a CSV list a line at a time, a YAML list an
+entry at a time. De-duplication keeps an 8-byte digest and the place of every row (seen.py); a
+digest met again is confirmed by reading the earlier row's key back from its place, so a
+duplicate is certain and the line of its first occurrence can be named.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,18 @@ import contextlib
 import csv
 import io
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 from email_validator import EmailNotValidError, validate_email
 
 from .config import Settings
 from .errors import ListError
-from .yamlsrc import Budget, Located, load_yaml, read_text
+from .seen import Seen, digest
+from .yamlsrc import Budget, file_size, iter_entries, too_big
 
 NAME_MAX = 200
 FIELD_MAX = 1000
@@ -81,64 +89,228 @@ def load_list(path: Path) -> list[Recipient]:
 
 
 def iter_list(path: Path) -> Iterator[Recipient]:
-    """The rows of a list file, validated one by one (so a big list is never held whole)."""
-    rows = _csv_rows(path) if path.suffix == ".csv" else _yaml_rows(path)
-    seen: dict[str, int] = {}
-    for line, row in rows:
-        recipient = _recipient(row, path=path, line=line)
-        first = seen.setdefault(recipient.key, line)
-        if first != line:
-            raise ListError(
-                f"{recipient.email} is listed twice (first on line {first}): delete one row",
-                path=path,
-                line=line,
-            )
+    """The rows of a list file, validated one by one (so a big list is never held whole); an
+    address listed twice is an error naming the line of its first occurrence."""
+    for _, recipient in _unique([("", _open_file(path))]):
         yield recipient
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    text = read_text(path, error=ListError, max_bytes=LIST_MAX_BYTES)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
-    if "email" not in [h.strip().lower() for h in header]:
-        raise ListError(
-            "the header row has no 'email' column: the first line must name the columns, "
-            "e.g. email,name,language",
-            path=path,
-            line=1,
-        )
-    try:
-        for row in reader:
-            if None in row:
-                raise ListError(
-                    "this row has more values than the header has columns (a comma too many?)",
-                    path=path, line=reader.line_num,
-                )
-            if not any((v or "").strip() for v in row.values()):
+# --- list files as streams --------------------------------------------------------------------
+
+BOM = "\N{BYTE ORDER MARK}".encode().decode("latin-1")  # as _Lines sees the UTF-8 BOM
+PLACE_BITS = 40  # where a row is in its list: a byte offset (CSV files < 1 TiB) or an index
+
+
+class _Source(Protocol):
+    """One list of an audience, read as a stream, that can read back the key of a row it
+    handed out earlier from the row's place."""
+
+    path: Path | None  # None: a managed list, where a second row for an address is skipped
+
+    def rows(self) -> Iterator[tuple[int, int, Recipient]]:
+        """(line, place, recipient) per row."""
+        ...
+
+    def key_at(self, place: int) -> str: ...
+
+    def line_at(self, place: int) -> int: ...
+
+
+def _open_file(path: Path) -> _Source:
+    return _CsvList(path) if path.suffix == ".csv" else _YamlList(path)
+
+
+def _unique(sources: Iterable[tuple[str, _Source]], *,
+            key_digest: Callable[[str], int] = digest) -> Iterator[tuple[str, Recipient]]:
+    """(list name, recipient) for the first occurrence of every address, lists in order.
+
+    Only a digest per row is kept (seen.py); a digest seen before is confirmed by reading the
+    earlier row's key back, so two addresses sharing a digest both go through (the tests
+    pass a `key_digest` under which every address collides).
+    """
+    seen = Seen()
+    opened: list[_Source] = []
+    for name, source in sources:
+        index = len(opened)
+        opened.append(source)
+        for line, place, recipient in source.rows():
+            key = recipient.key
+            earlier = seen.add(key_digest(key), index << PLACE_BITS | place)
+            if earlier and _repeated(opened, earlier, key, index, line, recipient):
                 continue
-            yield reader.line_num, {k.strip().lower(): v for k, v in row.items()}
-    except csv.Error as exc:
-        raise ListError(f"CSV error: {exc}", path=path, line=reader.reader.line_num) from None
+            yield name, recipient
 
 
-def _load_yaml_list(path: Path) -> Located:
+def _repeated(opened: list[_Source], earlier: list[int], key: str, index: int, line: int,
+              recipient: Recipient) -> bool:
+    """Is this row's address one that an earlier row had? Raises when its own file had it."""
+    mask = (1 << PLACE_BITS) - 1
+    repeated = False
+    for place in earlier:
+        source = opened[place >> PLACE_BITS]
+        if source.key_at(place & mask) != key:
+            continue  # another address with the same digest
+        here = opened[index]
+        if source is here and here.path is not None:
+            first = here.line_at(place & mask)
+            raise ListError(
+                f"{recipient.email} is listed twice (first on line {first}): delete one row",
+                path=here.path, line=line)
+        repeated = True
+    return repeated
+
+
+class _CsvList:
+    """A CSV list read a line at a time (the csv module's line numbers, CRLF and lone CR line
+    ends as `open(newline="")` reads them); a row's place is the byte offset it starts at."""
+
+    def __init__(self, path: Path) -> None:
+        self.path: Path | None = path
+        self._path = path
+        self._header: list[str] = []
+
+    def rows(self) -> Iterator[tuple[int, int, Recipient]]:
+        for line, place, row in self._records():
+            yield line, place, _recipient(row, path=self._path, line=line)
+
+    def _records(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        file_size(self._path, error=ListError, max_bytes=LIST_MAX_BYTES)
+        with _open_binary(self._path) as stream:
+            lines = _Lines(stream, self._path)
+            reader = csv.DictReader(lines)
+            try:
+                header = reader.fieldnames or []
+                if "email" not in [h.strip().lower() for h in header]:
+                    raise ListError(
+                        "the header row has no 'email' column: the first line must name the "
+                        "columns, e.g. email,name,language", path=self._path, line=1)
+                self._header = list(header)
+                while True:
+                    place = lines.offset
+                    row = next(reader, None)
+                    if row is None:
+                        return
+                    if None in row:
+                        raise ListError("this row has more values than the header has columns "
+                                        "(a comma too many?)", path=self._path,
+                                        line=reader.line_num)
+                    if not any((v or "").strip() for v in row.values()):
+                        continue
+                    yield reader.line_num, place, _lower_keys(row)
+            except csv.Error as exc:
+                raise ListError(f"CSV error: {exc}", path=self._path,
+                                line=reader.reader.line_num) from None
+
+    def key_at(self, place: int) -> str:
+        with _open_binary(self._path) as stream:
+            stream.seek(place)
+            row = next(csv.DictReader(_Lines(stream, self._path, start=place),
+                                      fieldnames=self._header), None)
+        try:
+            return email_key(normalise_address(str((row and _lower_keys(row).get("email"))
+                                                   or "")))
+        except ValueError:
+            return ""  # the file changed under us: that row is no longer this address
+
+    def line_at(self, place: int) -> int:
+        """Rare (a duplicate to name): read the file again up to that row."""
+        return next((line for line, at, _ in self._records() if at == place), 0)
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise ListError(f"cannot read the file ({exc.strerror})", path=path) from None
+
+
+def _lower_keys(row: dict[str, Any]) -> dict[str, Any]:
+    return {k.strip().lower(): v for k, v in row.items()}
+
+
+class _Lines:
+    """The lines of a UTF-8 file from byte `start`, split where `open(newline="")` splits them
+    (LF, CRLF, a lone CR), ends kept, each decoded on its own. `offset` is the byte where the
+    next line starts: the csv reader takes lines only as it needs them, so before it reads a
+    row, `offset` is where that row starts."""
+
+    def __init__(self, stream: BinaryIO, path: Path, *, start: int = 0) -> None:
+        self.path, self.offset = path, start
+        # latin-1 maps every byte to one character: lines are split in C and measured in bytes
+        self._text = io.TextIOWrapper(stream, encoding="latin-1", newline="")
+
+    def __iter__(self) -> Iterator[str]:
+        for line, raw in enumerate(self._text, start=1):
+            if self.offset == 0 and raw.startswith(BOM):
+                self.offset, raw = len(BOM), raw[len(BOM):]
+            if self.offset + len(raw) > LIST_MAX_BYTES:  # it grew since stat()
+                raise too_big(self.offset + len(raw), LIST_MAX_BYTES, path=self.path,
+                              error=ListError)
+            try:
+                text = raw.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise ListError("the file is not UTF-8 (save it as UTF-8 in your editor)",
+                                path=self.path, line=line) from None
+            self.offset += len(raw)
+            yield text
+
+
+class _YamlList:
+    """A YAML list read an entry at a time (yamlsrc.iter_entries). YAML lists are small (see
+    YAML_LIST_BUDGET), so the keys are kept to compare with: a row's place is its index."""
+
+    def __init__(self, path: Path) -> None:
+        self.path: Path | None = path
+        self._path = path
+        self._keys: list[str] = []
+        self._lines = array("L")
+
+    def rows(self) -> Iterator[tuple[int, int, Recipient]]:
+        for line, row in _yaml_rows(self._path):
+            recipient = _recipient(row, path=self._path, line=line)
+            self._keys.append(recipient.key)
+            self._lines.append(line)
+            yield line, len(self._keys) - 1, recipient
+
+    def key_at(self, place: int) -> str:
+        return self._keys[place]
+
+    def line_at(self, place: int) -> int:
+        return self._lines[place]
+
+
+class _Members:
+    """A managed list's confirmed members (already in memory, from the store)."""
+
+    path: Path | None = None
+
+    def __init__(self, members: list[Recipient]) -> None:
+        self._members = members
+
+    def rows(self) -> Iterator[tuple[int, int, Recipient]]:
+        for i, recipient in enumerate(self._members):
+            yield 0, i, recipient
+
+    def key_at(self, place: int) -> str:
+        return self._members[place].key
+
+    def line_at(self, place: int) -> int:
+        return 0
+
+
+def _yaml_entries(path: Path) -> Iterator[tuple[int, Any]]:
     with contextlib.suppress(OSError):  # read_text says why it cannot read the file
         size = path.stat().st_size
         if size > YAML_LIST_BUDGET.max_bytes:
             raise ListError(f"file is {size // 1024} KiB, more than the "
                             f"{YAML_LIST_BUDGET.max_bytes // 1024} KiB allowed for a YAML list: "
                             "save big lists as CSV", path=path)
-    return load_yaml(path, error=ListError, budget=YAML_LIST_BUDGET)
+    return iter_entries(path, error=ListError, budget=YAML_LIST_BUDGET,
+                        not_a_list="a YAML list file must be a list of entries ('- email: …')")
 
 
 def _yaml_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    located = _load_yaml_list(path)
-    data = located.data or []
-    if not isinstance(data, list):
-        raise ListError("a YAML list file must be a list of entries ('- email: …')", path=path,
-                        line=1)
-    for i, row in enumerate(data):
-        line = located.line((i,)) or 0
+    for line, row in _yaml_entries(path):
         if not isinstance(row, dict):
             raise ListError("each entry must be a mapping with at least 'email'", path=path,
                             line=line)
@@ -202,31 +374,26 @@ def iter_audience(
 ) -> Iterator[Recipient]:
     """`resolve` as a stream: memory stays flat however long the lists are."""
     files = list_files(settings)
-    seen: set[str] = set()
+
+    def sources() -> Iterator[tuple[str, _Source]]:
+        for name in lists:
+            if name in files:
+                yield name, _open_file(files[name])
+            elif managed is not None:
+                yield name, _Members(managed(name))
+
     count = 0
-    for name in lists:
-        members: Iterable[Recipient]
-        if name in files:
-            members = iter_list(files[name])
-        elif managed is not None:
-            members = managed(name)
-        else:
-            members = []
-        for recipient in members:
-            key = recipient.key
-            if key in seen:
-                continue
-            seen.add(key)
-            if languages and recipient.language not in languages:
-                continue
-            if is_suppressed(key, name):
-                continue
-            count += 1
-            if count > settings.max_recipients:
-                raise ListError(
-                    f"the audience has more than max_recipients ({settings.max_recipients}) "
-                    "recipients: raise max_recipients in the config if that is right")
-            yield replace(recipient, list=name)
+    for name, recipient in _unique(sources()):
+        if languages and recipient.language not in languages:
+            continue
+        if is_suppressed(recipient.key, name):
+            continue
+        count += 1
+        if count > settings.max_recipients:
+            raise ListError(
+                f"the audience has more than max_recipients ({settings.max_recipients}) "
+                "recipients: raise max_recipients in the config if that is right")
+        yield replace(recipient, list=name)
 
 
 def columns(lists: Iterable[str], settings: Settings) -> set[str]:
@@ -242,12 +409,18 @@ def columns(lists: Iterable[str], settings: Settings) -> set[str]:
 def _file_columns(path: Path) -> set[str]:
     """The extra columns of a list file, read without validating every row."""
     if path.suffix == ".csv":
-        first = read_text(path, error=ListError, max_bytes=LIST_MAX_BYTES).split("\n", 1)[0]
-        header = next(csv.reader([first]), [])
+        file_size(path, error=ListError, max_bytes=LIST_MAX_BYTES)
+        with _open_binary(path) as stream:
+            try:
+                header = next(csv.reader(_Lines(stream, path)), [])
+            except csv.Error as exc:
+                raise ListError(f"CSV error: {exc}", path=path, line=1) from None
         cols = {h.strip().lower() for h in header}
     else:
-        rows = _load_yaml_list(path).data or []
-        keys = [set(map(str, r)) for r in rows if isinstance(r, dict)] if isinstance(rows, list) \
-            else []
-        cols = set.intersection(*keys) if keys else set()
+        common: set[str] | None = None
+        for _, row in _yaml_entries(path):
+            if isinstance(row, dict):
+                keys = set(map(str, row))
+                common = keys if common is None else common & keys
+        cols = common or set()
     return {c for c in cols if c not in RESERVED}

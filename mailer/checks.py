@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audience import Recipient, columns, resolve
+from .audience import Recipient, columns, iter_audience
 from .campaign import Campaign, load_campaign
 from .config import Settings
 from .render import (
@@ -18,10 +19,27 @@ from .render import (
 
 
 @dataclass(frozen=True)
+class ListAudience:
+    """The recipients of a campaign's list files, checked and counted once and read again from
+    the files on each iteration: a million of them are never held in memory at once."""
+
+    campaign: Campaign
+    settings: Settings
+    count: int
+
+    def __iter__(self) -> Iterator[Recipient]:
+        audience = self.campaign.audience
+        return iter_audience(audience.lists, self.settings, languages=audience.languages)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass(frozen=True)
 class Checked:
     campaign: Campaign
     rendition: Rendition
-    recipients: list[Recipient]
+    recipients: ListAudience
     warnings: list[str]
 
 
@@ -63,8 +81,7 @@ def check_campaign(path: Path, settings: Settings, *, with_audience: bool = True
     sample = sample_recipient(campaign, settings)
     check_merge_fields(rendition, sample)
     warnings += size_warnings(rendition, sample)
-    recipients = (
-        resolve(campaign.audience.lists, settings, languages=campaign.audience.languages)
-        if with_audience else []
-    )
+    recipients = ListAudience(campaign, settings, 0)
+    if with_audience:  # every row validated, as a stream
+        recipients = ListAudience(campaign, settings, sum(1 for _ in recipients))
     return Checked(campaign, rendition, recipients, warnings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,8 +23,10 @@ WIDTHS = (600, 375)
 
 
 def pick_recipient(
-    recipients: list[Recipient], lang: str, wanted: str | None, fallback: Recipient
+    recipients: Iterable[Recipient], lang: str, wanted: str | None, fallback: Recipient
 ) -> Recipient:
+    """`wanted`, or the first recipient in `lang`, else `fallback` in `lang`; stops reading
+    the lists at the one it takes."""
     if wanted:
         try:
             address = normalise_address(wanted)
@@ -34,10 +37,13 @@ def pick_recipient(
                 return r
         raise UserError(f"--recipient '{wanted}' is not on the lists of this campaign: pick an "
                         "address from them, or leave --recipient out for the first one")
-    same = [r for r in recipients if r.language == lang]
-    return same[0] if same else Recipient(
-        email=fallback.email, name=fallback.name, language=lang, fields=fallback.fields,
-        list=recipients[0].list if recipients else "")
+    first = None
+    for r in recipients:
+        if r.language == lang:
+            return r
+        first = first or r
+    return Recipient(email=fallback.email, name=fallback.name, language=lang,
+                     fields=fallback.fields, list=first.list if first else "")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def test_invitation_has_a_calendar_attachment(shipped: Project) -> None:
     settings = shipped.settings()
     checked = check_campaign(settings.campaigns_dir / "integrationskonferenz-2027.yaml", settings)
     composer = Composer(checked.rendition, settings, tokens=Tokens("k"))
-    msg = parse(composer.compose(checked.recipients[0], message_id="<a@b>").data)
+    msg = parse(composer.compose(next(iter(checked.recipients)), message_id="<a@b>").data)
     assert msg.get_content_type() == "multipart/mixed"
     (ics,) = [p for p in msg.iter_attachments() if p.get_content_type() == "text/calendar"]
     assert ics.get_filename().endswith(".ics")
@@ -176,7 +176,7 @@ content:
     settings = project.settings()
     checked = check_campaign(settings.campaigns_dir / "fest.yaml", settings)
     composer = Composer(checked.rendition, settings, tokens=Tokens("k"))
-    msg = parse(composer.compose(checked.recipients[0], message_id="<1@x>").data)
+    msg = parse(composer.compose(next(iter(checked.recipients)), message_id="<1@x>").data)
     text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "Mit Musik und dem Programm: <https://imag.example.org/fest>." in text
