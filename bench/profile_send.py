@@ -11,7 +11,6 @@ ledger write), and reports wall and CPU time per message.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import shutil
 import sys
@@ -84,7 +83,7 @@ def main() -> None:
         dispatch.Dispatcher._tx = timed_async("other ledger transactions (claim, counts)",
                                               dispatch.Dispatcher._tx)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        result = asyncio.run(send_run(settings, store, checked, plan.run, limit=None))
+        result = send_run(settings, store, checked, plan.run, limit=None)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         shutil.rmtree(folder)

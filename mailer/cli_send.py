@@ -42,16 +42,21 @@ def _checked(ctx: Ctx, ref: str) -> Any:
 @click.option("--again", is_flag=True, help="start a new occurrence of a campaign already sent")
 @click.option("--resume", is_flag=True, help="continue the unfinished run (the default anyway)")
 @click.option("--retry-failed", is_flag=True, help="give the failed rows of the last run a try")
+@click.option("--workers", default=None, metavar="N|auto",
+              help="processes that send (default: dispatch.workers, auto = one per core); "
+                   "they share smtp.pool_size and the rate limits")
 @pass_ctx
 @user_errors
 def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], lang: str | None,
-         limit: int | None, again: bool, resume: bool, retry_failed: bool) -> None:
+         limit: int | None, again: bool, resume: bool, retry_failed: bool,
+         workers: str | None) -> None:
     """Send a campaign now (resumes an unfinished run)."""
     from .links import refuse_broken_links
     from .sending import dry_run as do_dry_run
     from .sending import plan_run, send_run, test_send
 
     settings = ctx.settings
+    processes = _workers(settings, workers)
     if not dry_run:  # before anything is written: no run, no ledger rows, no SMTP session
         refuse_broken_links(settings)
     if lang and not to:
@@ -78,7 +83,7 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], lang: str 
     click.echo(plan.message)
     if plan.run is None:
         return
-    result = asyncio.run(send_run(settings, store, checked, plan.run, limit=limit))
+    result = send_run(settings, store, checked, plan.run, limit=limit, workers=processes)
     c = result.counts
     click.echo(f"run {plan.number} of {result.run.campaign_id}: {c['sent']} sent, "
                f"{c['failed']} failed, {c['pending'] + c['sending']} left")
@@ -96,6 +101,21 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], lang: str 
     if result.stopped and limit is None:
         sys.exit(130)  # interrupted (Ctrl-C / SIGTERM): not done, but nothing lost
     sys.exit(exit_code(sent=c["sent"], failed=c["failed"]))
+
+
+def _workers(settings: Any, given: str | None) -> int:
+    """--workers N|auto, else dispatch.workers: the number of sending processes."""
+    from pydantic import ValidationError
+
+    from .config import DispatchSettings
+
+    if given is None:
+        return int(settings.dispatch.count(settings.smtp.pool_size))
+    try:
+        chosen = DispatchSettings(workers=given if given == "auto" else int(given))
+    except (ValueError, ValidationError):
+        fail(f"--workers {given}: give a number from 1 to 64, or auto (one per core)")
+    return int(chosen.count(settings.smtp.pool_size))
 
 
 SOME_FAILED = 3  # 1 is a user error (bad input), 2 a usage error (click), 130 an interrupt

@@ -80,6 +80,24 @@ class SchedulerSettings(Strict):
     poll_s: float = Field(2.0, gt=0)
 
 
+class DispatchSettings(Strict):
+    """How many processes `mailer send` sends with; `auto` is one per core."""
+
+    workers: int | Literal["auto"] = "auto"
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("must be 'auto' or a number from 1 to 64")
+        return value
+
+    def count(self, pool_size: int) -> int:
+        """The worker processes: `auto` is one per core; never more than connections."""
+        wanted = (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
+        return max(1, min(wanted, pool_size))
+
+
 class ListSettings(Strict):
     """How people see a list: its title per language (the first one is the fallback)."""
 
@@ -199,6 +217,7 @@ class Settings(Strict):
     organisation: OrganisationSettings
     smtp: SmtpSettings = SmtpSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    dispatch: DispatchSettings = DispatchSettings()
     web: WebSettings = WebSettings()
     lists: dict[str, ListSettings] = {}
     bounces: BouncesSettings = BouncesSettings()
@@ -316,6 +335,9 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, An
     mailbox = data.get("mailbox")
     if env.get("MAILER_MAILBOX_PASSWORD") and isinstance(mailbox, dict):
         data["mailbox"] = {**mailbox, "password": env["MAILER_MAILBOX_PASSWORD"]}
+    dispatch = data.get("dispatch")
+    if env.get("MAILER_DISPATCH_WORKERS") and (dispatch is None or isinstance(dispatch, dict)):
+        data["dispatch"] = {**(dispatch or {}), "workers": env["MAILER_DISPATCH_WORKERS"]}
     web = data.get("web")
     if "MAILER_WEB_TRUSTED_PROXIES" in env and (web is None or isinstance(web, dict)):
         data["web"] = {**(web or {}), "trusted_proxies": env["MAILER_WEB_TRUSTED_PROXIES"]}
@@ -334,8 +356,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError(
             "secrets belong in the environment: remove it and set MAILER_SECRET_KEY",
             path=path, line=located.line(("secret_key",)), field="secret_key")
-    for block in ("sender", "organisation", "smtp", "scheduler", "web", "lists", "bounces",
-                  "mailbox"):
+    for block in ("sender", "organisation", "smtp", "scheduler", "dispatch", "web", "lists",
+                  "bounces", "mailbox"):
         value = located.data.get(block)
         if value is not None and not isinstance(value, dict):
             raise ConfigError(

@@ -334,9 +334,8 @@ class Dispatcher:
         outcomes = [o for batch in batches for o in batch]
         await q.in_transaction(self.store.engine, lambda conn: self._record(conn, outcomes))
 
-    @staticmethod
-    def _record(conn: Connection, outcomes: list[q.Outcome]) -> None:
-        q.record(conn, outcomes)
+    def _record(self, conn: Connection, outcomes: list[q.Outcome]) -> None:
+        q.record(conn, outcomes, worker=self.worker)
         for o in outcomes:
             if isinstance(o, _Failed) and o.suppress_key:
                 # RFC 3463 5.1.x: the mailbox does not exist; never send to it again - and
@@ -411,6 +410,7 @@ async def deliver_run(
     progress: Progress | None = None,
     limit: int | None = None,
     transport: Transport | None = None,
+    batch_size: int = 200,
 ) -> RunResult:
     """Send a run's pending rows until every row is sent or failed (or stop/limit)."""
     composer = Composer(rendition, settings, tokens=Tokens(settings.secret()))
@@ -419,5 +419,6 @@ async def deliver_run(
             transport = await stack.enter_async_context(open_transport(settings, store=store))
         dispatcher = Dispatcher(store=store, transport=transport, composer=composer,
                                 settings=settings, stop=stop or asyncio.Event(),
-                                progress=progress or NoProgress(), limit=limit)
+                                progress=progress or NoProgress(), limit=limit,
+                                batch_size=batch_size)
         return await dispatcher.run(run)

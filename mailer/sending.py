@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection
 
-from .audience import Recipient, email_key, iter_audience, normalise_address
+from .audience import Recipient, email_key, iter_audience, normalise_address, resolve
 from .checks import Checked, sample_recipient
 from .compose import Composer, message_id
 from .config import Settings
@@ -178,16 +178,28 @@ def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Ite
             loop.remove_signal_handler(sig)
 
 
-async def send_run(settings: Settings, store: Store, checked: Checked, run: q.Run, *,
-                   limit: int | None) -> RunResult:
-    stop = asyncio.Event()
+def send_run(settings: Settings, store: Store, checked: Checked, run: q.Run, *,
+             limit: int | None, workers: int = 1) -> RunResult:
+    """Send the run here, or with `workers` processes (workers.py); Ctrl-C stops cleanly."""
     progress = LineProgress(checked.campaign.id)
     try:
-        with stop_on_signals(asyncio.get_running_loop(), stop):
-            return await deliver_run(settings, store, checked.rendition, run, stop=stop,
-                                     progress=progress, limit=limit)
+        if workers > 1:
+            from .workers import send_with_workers
+
+            return send_with_workers(settings, store, checked, run, workers=workers,
+                                     limit=limit, progress=progress)
+        return asyncio.run(_send_here(settings, store, checked, run, limit=limit,
+                                      progress=progress))
     finally:
         progress.close()
+
+
+async def _send_here(settings: Settings, store: Store, checked: Checked, run: q.Run, *,
+                     limit: int | None, progress: LineProgress) -> RunResult:
+    stop = asyncio.Event()
+    with stop_on_signals(asyncio.get_running_loop(), stop):
+        return await deliver_run(settings, store, checked.rendition, run, stop=stop,
+                                 progress=progress, limit=limit)
 
 
 def dry_run(checked: Checked, settings: Settings, store: Store) -> tuple[int, int]:
@@ -210,18 +222,14 @@ async def test_send(checked: Checked, settings: Settings, addresses: list[str], 
     if lang is not None and lang not in campaign.languages:
         raise UserError(f"--lang {lang}: the campaign has no '{lang}' text (it has "
                         f"{', '.join(campaign.languages)})")
-    wanted = []
+    known = {r.key: r for r in resolve(campaign.audience.lists, settings,
+                                       languages=campaign.audience.languages)}
+    targets = []
     for raw in addresses:
         try:
-            wanted.append(normalise_address(raw))
+            address = normalise_address(raw)
         except ValueError as exc:
             raise UserError(f"--to '{raw}' is not a valid address ({exc})") from None
-    keys = {email_key(address) for address in wanted}
-    known = {r.key: r for r in iter_audience(campaign.audience.lists, settings,
-                                             languages=campaign.audience.languages)
-             if r.key in keys}  # only these: the lists may hold a million
-    targets = []
-    for address in wanted:
         target = known.get(email_key(address)) or Recipient(
             email=address, name=sample.name, language=checked.campaign.default_language,
             fields=sample.fields, list=checked.campaign.audience.lists[0])

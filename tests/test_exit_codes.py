@@ -12,6 +12,8 @@ import re
 import socket
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from mailer.scheduler import serve
 from mailer.store import RunStatus
 from tests import helpers
@@ -88,13 +90,15 @@ async def test_test_sends_use_the_same_exit_codes(
     assert code == 4 and out.splitlines()[-1] == "all 2 test mails failed"
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])  # progress of one process, or of the ledger
 async def test_retries_never_push_the_progress_past_the_total(
-        project: Project, fault_server) -> None:  # noqa: F811
+        project: Project, fault_server, workers: str) -> None:  # noqa: F811
     addresses = project.crowd(4)
     # Greylisted on the first try: each row is claimed twice before it is sent.
     server = await fault_server(Faults(rcpt_first_attempt={a: (451, "4.7.1 greylisted")
                                                            for a in addresses}))
-    code, out, err = await mailer(project, server, "send", "crowd")
+    code, out, err = await mailer(project, server, "send", "crowd", "--workers", workers,
+                                  MAILER_SMTP_RETRY_BASE_S="1.5")
     assert code == 0, err
     shown = [(int(done), int(total), int(waiting or 0)) for done, total, waiting in
              re.findall(r"crowd: (\d+)/(\d+).*?(?:waiting for (\d+) retries.*)?$", err, re.M)]

@@ -249,8 +249,10 @@ def claim(conn: Connection, run_id: int, *, worker: str, limit: int, now: dateti
     return sorted((Claimed(*r) for r in rows), key=lambda c: c.id)
 
 
-def record(conn: Connection, outcomes: Sequence[Outcome]) -> None:
-    """Write the results of a batch of SMTP transactions in one statement."""
+def record(conn: Connection, outcomes: Sequence[Outcome], *, worker: str | None = None
+           ) -> None:
+    """Write the results of a batch of SMTP transactions in one statement; `worker` is
+    kept as the row's `sent_by` (which process made the attempt)."""
     if not outcomes:
         return
     d = deliveries
@@ -260,7 +262,7 @@ def record(conn: Connection, outcomes: Sequence[Outcome]) -> None:
         .values(status=bindparam("b_status"), smtp_code=bindparam("b_code"),
                 smtp_text=bindparam("b_text"), next_attempt_at=bindparam("b_next"),
                 sent_at=bindparam("b_sent"), message_id=bindparam("b_mid"),
-                updated_at=bindparam("b_now"), claimed_by=None)
+                updated_at=bindparam("b_now"), claimed_by=None, sent_by=worker)
     )
     now = utcnow()
     conn.execute(stmt, [
@@ -309,6 +311,16 @@ def next_attempt(conn: Connection, run_id: int) -> datetime | None:
         .where(d.c.run_id == run_id, d.c.status == DeliveryStatus.PENDING)
     ).scalar()
     return as_utc(value)
+
+
+def due_count(conn: Connection, run_id: int, now: datetime) -> int:
+    """Pending rows that may be sent now (not waiting for a retry)."""
+    d = deliveries
+    return int(conn.execute(
+        select(func.count()).select_from(d)
+        .where(d.c.run_id == run_id, d.c.status == DeliveryStatus.PENDING,
+               or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now))
+    ).scalar_one())
 
 
 def status_counts(conn: Connection, run_id: int) -> dict[str, int]:

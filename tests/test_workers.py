@@ -1,0 +1,148 @@
+"""`mailer send --workers N`: several processes share one run, its rate limits and its crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mailer.store import open_store
+from mailer.store import queries as q
+from mailer.store.tables import deliveries
+from tests.conftest import Project, both_databases
+from tests.helpers import finish, mailer, smtp_env, start_mailer
+from tests.smtpd import Faults, fault_server  # noqa: F401  (fixture)
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes of a `mailer send` (Linux /proc)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def workers_of(project: Project) -> Counter[str]:
+    """Rows sent per worker id, from the ledger."""
+    store = open_store(project.settings().database_url)
+    with store.engine.connect() as conn:
+        return Counter(r.sent_by for r in conn.execute(deliveries.select())
+                       if r.status == "sent")
+
+
+@both_databases
+async def test_two_workers_share_one_run(project: Project, fault_server) -> None:  # noqa: F811
+    addresses = project.crowd(400)
+    server = await fault_server()
+    code, out, err = await mailer(project, "send", "crowd", "--workers", "2", **smtp_env(server))
+    assert code == 0, err
+    received = Counter(m.rcpt_tos[0] for m in server.messages)
+    assert set(received) == set(addresses) and max(received.values()) == 1
+    by_worker = workers_of(project)
+    assert len(by_worker) == 2 and sum(by_worker.values()) == 400, by_worker
+    assert all(":" in w and n > 40 for w, n in by_worker.items())  # both did a real share
+    assert "run 1 of crowd: 400 sent, 0 failed, 0 left" in out
+
+
+async def test_the_pool_is_divided_among_the_workers(project: Project, fault_server) -> None:  # noqa: F811
+    project.crowd(120)
+    server = await fault_server(Faults(stall_s=0.02))  # slow replies: every connection is used
+    code, _, err = await mailer(project, "send", "crowd", "--workers", "2",
+                                **smtp_env(server, MAILER_SMTP_POOL_SIZE="3"))
+    assert code == 0, err
+    assert server.peak_connections <= 3  # one command: smtp.pool_size connections in all
+    assert len(workers_of(project)) == 2
+
+
+async def test_the_rate_limit_is_a_total_across_workers(project: Project, fault_server) -> None:  # noqa: F811
+    project.crowd(60)
+    server = await fault_server()
+    code, _, err = await mailer(project, "send", "crowd", "--workers", "2",
+                                **smtp_env(server, MAILER_SMTP_RATE_PER_SECOND="20"))
+    assert code == 0, err
+    times = sorted(t for ts in server.rcpt_times.values() for t in ts)
+    # A burst of 20, then 20 per second: the other 40 take 2 s - not 1 s, as two
+    # processes with a limiter each would.
+    assert times[-1] - times[0] >= 1.8, times[-1] - times[0]
+    assert len(workers_of(project)) == 2
+
+
+@pytest.mark.parametrize(("given", "workers"), [("3", 3), ("auto", min(os.cpu_count() or 1, 4))])
+async def test_workers_from_the_environment(project: Project, fault_server, given: str,  # noqa: F811
+                                            workers: int) -> None:
+    project.crowd(200)
+    server = await fault_server(Faults(stall_s=0.005))
+    code, _, err = await mailer(project, "send", "crowd",
+                                **smtp_env(server, MAILER_DISPATCH_WORKERS=given))
+    assert code == 0, err
+    assert len(workers_of(project)) == workers
+
+
+async def test_a_bad_workers_value_is_one_sentence(project: Project, fault_server) -> None:  # noqa: F811
+    project.crowd(2)
+    server = await fault_server()
+    code, out, err = await mailer(project, "send", "crowd", "--workers", "many",
+                                  **smtp_env(server))
+    assert code == 1 and server.messages == []
+    assert err.strip().splitlines()[-1] == (
+        "error: --workers many: give a number from 1 to 64, or auto (one per core)")
+
+
+async def test_a_worker_killed_mid_run_loses_nothing(project: Project, fault_server) -> None:  # noqa: F811
+    n = 1500
+    addresses = project.crowd(n)
+    server = await fault_server()
+    proc = await start_mailer(project, "send", "crowd", "--workers", "2", **smtp_env(server))
+    for _ in range(600):
+        await asyncio.sleep(0.05)
+        if len(server.messages) >= n // 4:
+            break
+    workers = children(proc.pid)
+    assert len(workers) == 2 and proc.returncode is None
+    os.kill(workers[0], signal.SIGKILL)
+    code, out, err = await finish(proc)
+    assert code == 0, err
+    assert "ended with signal SIGKILL; the other workers take over its rows" in err
+    received = Counter(m.rcpt_tos[0] for m in server.messages)
+    assert set(received) == set(addresses)  # nobody lost
+    duplicates = sum(c - 1 for c in received.values())
+    assert duplicates <= project.settings().smtp.pool_size  # the crash bound: all connections
+    store = open_store(project.settings().database_url)
+    with store.engine.connect() as conn:
+        [run] = q.runs_of(conn, "crowd")
+        assert run.status == "finished" and q.status_counts(conn, run.id)["sent"] == n
+        assert run.in_flight_recovered == duplicates or run.in_flight_recovered >= duplicates
+
+
+async def test_killing_the_command_stops_its_workers(project: Project, fault_server) -> None:  # noqa: F811
+    project.crowd(3000)
+    server = await fault_server()
+    proc = await start_mailer(project, "send", "crowd", "--workers", "2", **smtp_env(server))
+    for _ in range(600):
+        await asyncio.sleep(0.05)
+        if len(server.messages) >= 100:
+            break
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    for _ in range(100):  # they stop gracefully: in-flight results recorded, nothing claimed
+        if not any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the workers went on after their command was killed")
+    store = open_store(project.settings().database_url)
+    with store.engine.connect() as conn:
+        [run] = q.runs_of(conn, "crowd")
+        counts = q.status_counts(conn, run.id)
+    assert counts["sending"] == 0 and counts["sent"] == len(server.messages) < 3000
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except OSError:
+        return "Z"
