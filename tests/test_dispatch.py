@@ -174,6 +174,16 @@ async def test_each_result_is_recorded_with_code_time_and_message_id(
         assert before <= q.as_utc(row.sent_at) <= after
 
 
+async def test_a_limit_counts_across_claim_batches(project, fault_server):  # noqa: F811
+    project.crowd(10)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server)
+    async with SmtpPool(settings.smtp) as pool:  # batches of 3: 3 + 2 for a limit of 5
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool,
+                                   limit=5, batch_size=3)
+    assert len(server.messages) == 5 and result.counts["pending"] == 5
+
+
 async def test_a_limit_is_the_number_of_transactions(project, fault_server):  # noqa: F811
     project.crowd(10)
     server = await fault_server()
@@ -302,6 +312,11 @@ async def test_headers_of_a_delivered_mail(project, fault_server):  # noqa: F811
     assert msg["List-Id"] and msg["Date"] and msg["Message-ID"].endswith("@imag.example.org>")
     unsubscribe = str(msg["List-Unsubscribe"])
     assert "<http://127.0.0.1:8000/unsubscribe/" in unsubscribe and "<mailto:" in unsubscribe
+    from mailer.tokens import Tokens
+
+    token = unsubscribe.split("/unsubscribe/", 1)[1].split(">", 1)[0]
+    held = Tokens(project.settings().secret()).read_manage(token)
+    assert (held.email, held.list) == ("anna.lena+news@example.org", "crowd")
     assert msg["Content-Language"] == "de"
     assert msg.get_content_type() == "multipart/alternative"
 
@@ -815,6 +830,7 @@ async def test_waiting_for_a_retry_says_until_when_in_local_time(project, fault_
         local[0].date() != local[1].date())  # (a run across midnight)
     assert str(settings.tz) == "Europe/Berlin" and local[0].utcoffset() != timedelta(0)
     assert notes.calls[0] == (0, 2, "") and notes.calls[-1][:2] == (2, 2)
+    assert {total for _, total, _ in notes.calls} == {2}
     assert [d for d, _, _ in notes.calls] == sorted(d for d, _, _ in notes.calls)
     # The retry waited for its time (0.32-0.48 s), neither at once nor a whole poll longer.
     first, second = server.rcpt_times["busy@example.org"]
