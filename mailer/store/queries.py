@@ -420,7 +420,7 @@ def suppress(
     list_name: str = GLOBAL,
 ) -> bool:
     stmt = _insert(conn, suppressions).values(
-        email_key=email_key, list_name=list_name, reason=reason, source=source[:120],
+        email_key=email_key, list_name=list_name, reason=reason[:32], source=source[:120],
         detail=detail[:500], created_at=utcnow(),
     ).on_conflict_do_nothing(index_elements=["email_key", "list_name"]).returning(suppressions.c.id)
     return conn.execute(stmt).first() is not None
