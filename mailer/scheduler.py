@@ -437,6 +437,7 @@ class Runner:
     good: dict[str, tuple[Path, Checked]] = field(default_factory=dict)
     files: dict[Path, Known] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    sending: set[int] = field(default_factory=set)  # runs a dispatcher of ours is sending
 
     def __post_init__(self) -> None:
         # The embedded capture server files mail under var/outbox/ but does not create var/
@@ -693,8 +694,12 @@ class Runner:
     async def deliver(self, checked: Checked, run: q.Run, *, event: str) -> None:
         from .dispatch import deliver_run
 
-        result = await deliver_run(self.settings, self.store, checked.rendition, run,
-                                   stop=self.stop)
+        self.sending.add(run.id)
+        try:
+            result = await deliver_run(self.settings, self.store, checked.rendition, run,
+                                       stop=self.stop)
+        finally:
+            self.sending.discard(run.id)
         c = result.counts
         log_event("stopped" if result.stopped else "finished", campaign=run.campaign_id,
                   run=run.id, occurrence=run.occurrence, sent=c["sent"], failed=c["failed"],
@@ -706,6 +711,8 @@ class Runner:
         with self.store.engine.connect() as conn:
             unfinished = q.unfinished_runs(conn)
         for run in unfinished:
+            if run.id in self.sending:  # helped with while another process led: goes on
+                continue
             if run.trigger != TRIGGER:
                 log_event("unfinished-send", campaign=run.campaign_id, run=run.id,
                           hint=f"continue it with: mailer send {run.campaign_id}")
@@ -753,13 +760,36 @@ class Runner:
                 log_event("catch-up", campaign=job.id, fires=len(lost), first=_utc(lost[0]))
                 self.spawn(self.fire(job.id, lost))
 
-    async def _resume(self, checked: Checked, run: q.Run) -> None:
+    async def _resume(self, checked: Checked, run: q.Run, *, event: str = "resume") -> None:
         try:
-            await self.deliver(checked, run, event="resume")
+            await self.deliver(checked, run, event=event)
         except Exception as exc:  # recorded on the run, which stays resumable
             firing = Firing(run.campaign_id, [run.scheduled_at] if run.scheduled_at else [],
                             campaign=checked.campaign, run=run)
             await self.failed(firing, exc, event="resume-failed")
+
+    async def help_out(self, leading: asyncio.Event) -> None:
+        """While another process leads: send rows of the runs it fired, beside it (every
+        `mailer run` is a dispatch worker; the leader alone fires schedules)."""
+        while not self.stop.is_set():
+            if not leading.is_set():
+                await asyncio.to_thread(self.load_changes)
+                for run in await asyncio.to_thread(self.runs_to_help):
+                    found = self.good.get(run.campaign_id)
+                    if found is not None:
+                        log_event("help", campaign=run.campaign_id, run=run.id,
+                                  occurrence=run.occurrence)
+                        self.sending.add(run.id)  # now, not when the task first runs
+                        self.spawn(self._resume(found[1], run, event="help"))
+            if await _wait(self.stop, self.settings.scheduler.poll_s):
+                return
+
+    def runs_to_help(self) -> list[q.Run]:
+        """Unfinished scheduler runs with rows to send now that no dispatcher of ours sends."""
+        with self.store.engine.connect() as conn:
+            return [run for run in q.unfinished_runs(conn)
+                    if run.trigger == TRIGGER and run.id not in self.sending
+                    and q.due_count(conn, run.id, q.utcnow()) > 0]
 
     async def finish_in_flight(self, *, timeout_s: float | None = None) -> None:
         """Wait for in-flight fires (bounded); the dispatcher stopped claiming when stop was set."""
@@ -856,22 +886,34 @@ async def serve(settings: Settings, config_path: str, *, once: bool = False, now
     runner = Runner(settings=settings, store=store, config_path=config_path, now=now,
                     stop=stop or asyncio.Event())
     leader = leader_for(store, settings)
-    while not runner.stop.is_set():
-        if not await asyncio.to_thread(leader.try_acquire):
-            if once:
-                log_event("standby", reason="another mailer run leads; nothing to do")
-                return 0
-            log_event("standby", reason="another mailer run leads; waiting to take over")
-            while not await asyncio.to_thread(leader.try_acquire):
-                if await _wait(runner.stop, settings.scheduler.poll_s):
+    leading = asyncio.Event()
+    helping = None if once else asyncio.create_task(runner.help_out(leading))
+    try:
+        while not runner.stop.is_set():
+            if not await asyncio.to_thread(leader.try_acquire):
+                if once:
+                    log_event("standby", reason="another mailer run leads; nothing to do")
                     return 0
-        log_event("leader", pid=os.getpid(), lock=type(leader).__name__)
-        try:
-            await runner.lead(leader, once=once)
-        finally:
-            leader.release()
-        if once:
-            break
+                log_event("standby", reason="another mailer run leads; sending beside it "
+                                            "and waiting to take over")
+                while not await asyncio.to_thread(leader.try_acquire):
+                    if await _wait(runner.stop, settings.scheduler.poll_s):
+                        await runner.finish_in_flight()
+                        return 0
+            log_event("leader", pid=os.getpid(), lock=type(leader).__name__)
+            leading.set()
+            try:
+                await runner.lead(leader, once=once)
+            finally:
+                leading.clear()
+                leader.release()
+            if once:
+                break
+    finally:
+        if helping is not None:
+            helping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await helping
     log_event("exit", reason="stopped" if runner.stop.is_set() else "done")
     invalid = {path: known.error for path, known in sorted(runner.files.items()) if known.error}
     for path, error in invalid.items():

@@ -146,3 +146,40 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
     except OSError:
         return "Z"
+
+
+# --- mailer run: a standby process sends beside the leader ----------------------------------
+
+
+@both_databases
+async def test_a_standby_scheduler_sends_the_leaders_run_beside_it(project: Project) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mailer.scheduler import serve
+    from tests.test_scheduler import at_text, fast, outbox, until
+
+    project.crowd(600)
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    project.campaign("soon.yaml", at_text(when).replace("[partners]", "[crowd]"))
+    settings = fast(project.settings())
+    settings = settings.model_copy(update={"smtp": settings.smtp.model_copy(
+        update={"rate_per_second": 400.0})})  # 1.5 s of sending: time for both to join
+    stops = [asyncio.Event(), asyncio.Event()]
+    runs = [asyncio.create_task(serve(settings, str(project.config), stop=stop))
+            for stop in stops]
+    try:
+        store = open_store(settings.database_url)
+
+        def finished() -> bool:
+            with store.engine.connect() as conn:
+                found = q.runs_of(conn, "soon")
+                return bool(found) and found[0].status == "finished"
+
+        await until(finished, 30)
+    finally:
+        for stop in stops:
+            stop.set()
+        assert await asyncio.wait_for(asyncio.gather(*runs), 20) == [0, 0]
+    assert len(outbox(settings)) == 600  # each once
+    by_worker = workers_of(project)
+    assert len(by_worker) == 2 and min(by_worker.values()) > 30, by_worker
