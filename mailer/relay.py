@@ -15,17 +15,15 @@ from .transport import Limiter, SmtpPool, Transport
 
 
 @contextlib.asynccontextmanager
-async def open_transport(settings: Settings, *, store: Store | None = None,
-                         pool_size: int | None = None) -> AsyncIterator[Transport]:
+async def open_transport(settings: Settings, *, store: Store | None = None
+                         ) -> AsyncIterator[Transport]:
     """The relay of `settings.smtp`, or a capture server writing to var/outbox/.
 
     With `store`, the rate limits are the database's shared buckets (quota.py): totals across
-    every process sending through that database. `pool_size` overrides smtp.pool_size (a
-    worker's share of `mailer send --workers`)."""
+    every process sending through that database."""
     from .capture import CaptureServer
 
-    smtp = settings.smtp if pool_size is None else settings.smtp.model_copy(
-        update={"pool_size": pool_size})
+    smtp = settings.smtp
     limiter: Limiter | None = None
     if store is not None:
         from .quota import SharedRateLimiter
