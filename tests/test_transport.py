@@ -18,6 +18,7 @@ from mailer.transport import (
     Outcome,
     Outgoing,
     SmtpPool,
+    TokenBucket,
     Transport,
     _failure,
     _mail_parameters,
@@ -94,6 +95,8 @@ class FakeTime:
         (550, "user 5.1.1 later in the text", Outcome.PERMANENT, False),
         (None, "connection lost", Outcome.TEMPORARY, False),
         (354, "go ahead", Outcome.TEMPORARY, False),
+        (500, "5.5.1 command unrecognized", Outcome.PERMANENT, False),
+        (200, "2.0.0 odd but fine", Outcome.SENT, False),
     ],
 )
 def test_classify(code: int | None, text: str, outcome: Outcome, suppress: bool) -> None:
@@ -410,8 +413,11 @@ async def test_starttls_encrypts_the_session(fault_server, tls_contexts) -> None
 async def test_starttls_required_but_not_offered_raises(fault_server, tls_contexts) -> None:
     server = await fault_server()
     async with pool_for(server, tls="starttls", tls_context=tls_contexts[1]) as pool:
-        with pytest.raises(AuthenticationFailure, match="does not offer STARTTLS"):
+        with pytest.raises(AuthenticationFailure) as caught:
             await pool.send(outgoing("a@example.org"))
+    assert str(caught.value) == (
+        f"smtp.tls is 'starttls' but the relay {pool.address} does not offer STARTTLS; "
+        "set smtp.tls to 'tls' or 'none' to match the relay")
     assert server.messages == []
 
 
@@ -518,6 +524,8 @@ def _msg(recipient: str, *, sender: str = SENDER, data: bytes = BODY) -> Outgoin
         ("bounces@müller.example.org", "a@example.org", b"x", ("smtputf8",),
          ("bounces@xn--mller-kva.example.org", "a@example.org", ["SIZE=1"])),
     ],
+    ids=["ascii", "8bit", "8bit-no-size", "8bit-no-8bitmime", "utf8-recipient", "utf8-sender",
+         "idna-recipient", "idna-sender"],
 )
 async def test_mail_parameters(fault_server, sender: str, recipient: str, data: bytes,
                                drop: tuple[str, ...], expected: tuple[str, str, list[str]]) -> None:
@@ -543,6 +551,8 @@ async def test_mail_parameters(fault_server, sender: str, recipient: str, data: 
         (SENDER, "jürgen", "does not offer SMTPUTF8"),  # no domain to encode
         (SENDER, "a@" + "ü" * 70 + ".example.org", "does not offer SMTPUTF8"),  # label > 63
     ],
+    ids=["empty", *(f"unsafe-{i}" for i in range(10)), "unsafe-sender", "utf8-local",
+         "utf8-sender-local", "no-domain", "long-label"],
 )
 async def test_envelopes_that_cannot_be_sent_are_permanent(
         fault_server, sender: str, recipient: str, reason: str) -> None:
@@ -555,6 +565,11 @@ async def test_envelopes_that_cannot_be_sent_are_permanent(
     assert (result.key, result.outcome, result.code, result.suppress) == (
         7, Outcome.PERMANENT, None, False)
     assert reason in result.text
+    if "SMTPUTF8" in reason:
+        assert result.text == ("the address has non-ASCII characters and the relay does not "
+                               "offer SMTPUTF8 (RFC 6531)")
+    elif recipient == "":
+        assert result.text == "empty recipient address"
 
 
 async def test_unsafe_address_is_quoted_in_the_reason(fault_server) -> None:
@@ -581,8 +596,7 @@ async def test_a_forwarding_rcpt_reply_is_accepted(fault_server) -> None:
     server = await fault_server(Faults(rcpt={"fwd@example.org": (251, "2.1.5 will forward")}))
     async with pool_for(server) as pool:
         result = await pool.send(outgoing("fwd@example.org", key=3))
-    assert (result.key, result.outcome, result.code, result.text) == (
-        3, Outcome.SENT, 250, "2.0.0 OK")
+    assert result == DeliveryResult(3, Outcome.SENT, 250, "2.0.0 OK", False)
     assert server.data_count == 1
 
 
@@ -816,3 +830,70 @@ def test_the_address_names_host_and_port() -> None:
     assert configured.address == "relay.example.org:587"
     default = SmtpPool(settings(host="relay.example.org"))
     assert default.address == "relay.example.org:default port"
+
+
+async def test_a_cancelled_wait_gives_its_token_back() -> None:
+    waits: list[float] = []
+    blocked = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        blocked.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    bucket = TokenBucket(rate_per_s=1.0, burst=1.0, clock=lambda: 0.0, sleep=sleep)
+    await bucket.acquire()  # the burst
+    waiting = asyncio.create_task(bucket.acquire())
+    await blocked.wait()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    again = asyncio.create_task(bucket.acquire())
+    await asyncio.sleep(0.05)
+    again.cancel()
+    assert waits == [1.0, 1.0]  # the cancelled reservation was given back, exactly
+
+
+async def test_counters_add_up_over_many_failures(fault_server) -> None:
+    server = await fault_server(Faults(rcpt={"busy@example.org": (451, "4.3.0 busy"),
+                                             "gone@example.org": (550, "5.1.1 gone")}))
+    async with pool_for(server) as pool:
+        for address in ("busy@example.org", "gone@example.org") * 2:
+            await pool.send(outgoing(address))
+    assert (pool.stats.temporary, pool.stats.permanent, pool.stats.sent) == (2, 2, 0)
+    refusing = await fault_server(Faults(refuse_connections=True))
+    fake = FakeTime()
+    async with pool_for(refusing, clock=fake.clock, sleep=fake.sleep) as pool:
+        for _ in range(3):
+            await pool.send(outgoing("a@example.org"))
+    assert pool.stats.connect_failures == 3 and pool.stats.temporary == 3
+
+
+async def test_only_replacements_of_lost_sessions_count_as_reconnects(fault_server) -> None:
+    server = await fault_server(Faults(stall_s=0.05))
+    async with pool_for(server, pool_size=2) as pool:
+        await pool.send(outgoing("a@example.org"))
+        server.hang_up()  # the idle session is lost...
+        await asyncio.sleep(0.05)
+        await pool.send(outgoing("b@example.org"))  # ...and replaced
+        await asyncio.gather(*(pool.send(outgoing(f"c{i}@example.org")) for i in range(2)))
+    assert (pool.stats.connections_opened, pool.stats.reconnects) == (3, 1)
+
+
+async def test_each_window_of_failures_is_one_cooldown_step(fault_server) -> None:
+    server = await fault_server(Faults(refuse_connections=True))
+    fake = FakeTime()
+    async with pool_for(server, pool_size=4, clock=fake.clock, sleep=fake.sleep) as pool:
+        for _ in range(3):  # three rounds of four sessions failing together
+            await asyncio.gather(*(pool.send(outgoing(f"r{i}@example.org")) for i in range(4)))
+    assert pool.stats.cooldowns == 3
+    assert sorted(set(fake.sleeps)) == [0.5, 1.0]  # each round waited out the last step
+
+
+async def test_a_login_refused_for_good_with_a_5xx_stops_the_run(fault_server,
+                                                                 tls_contexts) -> None:
+    _, pool = await _wrong_password(fault_server, tls_contexts, "504 5.5.4 not supported")
+    async with pool:
+        with pytest.raises(AuthenticationFailure) as caught:
+            await pool.send(outgoing("a@example.org"))
+    assert caught.value.code == 504
