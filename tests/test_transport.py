@@ -331,15 +331,18 @@ async def test_sessions_failing_together_count_as_one_cooldown_step(fault_server
     assert fake.sleeps == [0.5]
 
 
-async def test_421_mid_session_drops_the_session_and_cools_down(fault_server) -> None:
+async def test_421_mid_session_drops_the_session_and_cools_down(fault_server, caplog) -> None:
     server = await fault_server(Faults(rcpt={"x@example.org": (421, "4.3.2 shutting down")}))
     fake = FakeTime()
+    caplog.set_level("INFO", logger="mailer.transport")
     async with pool_for(server, clock=fake.clock, sleep=fake.sleep) as pool:
         closing = await pool.send(outgoing("x@example.org"))
         after = await pool.send(outgoing("a@example.org"))
     assert (closing.outcome, closing.code) == (Outcome.TEMPORARY, 421)
     assert after.outcome is Outcome.SENT
     assert server.connections == 2 and fake.sleeps == [0.5]
+    assert (f"relay {pool.address} unavailable (4.3.2 shutting down): new connections wait "
+            "0.5 s") in caplog.messages
 
 
 async def test_cooldown_waits_in_real_time(fault_server) -> None:
@@ -462,8 +465,10 @@ async def test_rate_per_hour_is_a_second_bucket(fault_server) -> None:
 
 
 def test_embedded_host_needs_an_address() -> None:
-    with pytest.raises(ValueError, match="CaptureServer"):
+    with pytest.raises(ValueError) as caught:
         SmtpPool(SmtpSettings.model_validate({}))
+    assert str(caught.value) == (
+        "smtp.host is 'embedded': start a CaptureServer, pass its host/port")
 
 
 # -- the DATA payload -------------------------------------------------------------------------
@@ -819,8 +824,10 @@ async def test_plain_text_refusal_names_the_relay(fault_server) -> None:
     async with pool_for(server, username="imag", password="geheim") as pool:
         with pytest.raises(AuthenticationFailure) as caught:
             await pool.send(outgoing("a@example.org"))
-    assert str(caught.value).startswith(
-        f"refusing to send the SMTP password to {pool.address} over an unencrypted connection")
+    assert str(caught.value) == (
+        f"refusing to send the SMTP password to {pool.address} over an unencrypted connection "
+        "(the relay offers no STARTTLS): set smtp.tls to 'tls' for a relay on port 465, or use "
+        "a relay that offers STARTTLS")
 
 
 def test_the_address_names_host_and_port() -> None:
@@ -877,7 +884,12 @@ async def test_only_replacements_of_lost_sessions_count_as_reconnects(fault_serv
         await asyncio.sleep(0.05)
         await pool.send(outgoing("b@example.org"))  # ...and replaced
         await asyncio.gather(*(pool.send(outgoing(f"c{i}@example.org")) for i in range(2)))
-    assert (pool.stats.connections_opened, pool.stats.reconnects) == (3, 1)
+        assert (pool.stats.connections_opened, pool.stats.reconnects) == (3, 1)
+        server.hang_up()  # both are lost, and both replaced
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*(pool.send(outgoing(f"d{i}@example.org")) for i in range(2)))
+        await asyncio.gather(*(pool.send(outgoing(f"e{i}@example.org")) for i in range(2)))
+    assert (pool.stats.connections_opened, pool.stats.reconnects) == (5, 3)
 
 
 async def test_each_window_of_failures_is_one_cooldown_step(fault_server) -> None:
@@ -897,3 +909,12 @@ async def test_a_login_refused_for_good_with_a_5xx_stops_the_run(fault_server,
         with pytest.raises(AuthenticationFailure) as caught:
             await pool.send(outgoing("a@example.org"))
     assert caught.value.code == 504
+
+
+async def test_a_rate_below_one_per_second_allows_a_burst_of_one(fault_server) -> None:
+    server = await fault_server()
+    fake = FakeTime()
+    async with pool_for(server, rate_per_second=0.5, clock=fake.clock, sleep=fake.sleep) as pool:
+        for i in range(3):
+            await pool.send(outgoing(f"r{i}@example.org"))
+    assert fake.sleeps == [2.0, 2.0]
