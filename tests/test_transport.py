@@ -918,3 +918,10 @@ async def test_a_rate_below_one_per_second_allows_a_burst_of_one(fault_server) -
         for i in range(3):
             await pool.send(outgoing(f"r{i}@example.org"))
     assert fake.sleeps == [2.0, 2.0]
+
+
+def test_a_failure_is_logged_at_debug_with_key_and_recipient(caplog) -> None:
+    caplog.set_level("DEBUG", logger="mailer.transport")
+    _failure(outgoing("a@example.org", key=11), OSError())
+    assert caplog.messages == ["key 11 to a@example.org: connection failed: OSError"]
+    assert caplog.records[0].levelname == "DEBUG"  # addresses never at info level
