@@ -25,7 +25,7 @@ from ..config import Settings
 from ..errors import UserError
 from ..render import Links, Neutral, Rendition, personalise, ui_strings
 from ..store import queries as q
-from .app import page_language, render, web_of
+from .common import page_language, render, web_of
 from .i18n import strings
 
 # The mail's own HTML: inline styles, remote images, nothing else (no scripts, no forms).

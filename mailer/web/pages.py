@@ -27,7 +27,7 @@ from ..store import queries as q
 from ..store.subscriber_tables import confirm_nonces
 from ..tokens import ManageToken, TokenError
 from . import archive
-from .app import (
+from .common import (
     HERE,
     Web,
     client_ip,
