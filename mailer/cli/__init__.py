@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from .cli_base import Ctx, fail, pass_ctx, user_errors
-from .errors import UserError
-from .logs import ENV as LOG_FORMAT_ENV
-from .logs import FORMATS
+from ..errors import UserError
+from ..logs import ENV as LOG_FORMAT_ENV
+from ..logs import FORMATS
+from .base import Ctx, fail, pass_ctx, user_errors
 
 
 @click.group()
@@ -32,7 +32,7 @@ def setup_logging(fmt: str = "text") -> None:
     """Lines on stderr (mailer/logs.py), at MAILER_LOG_LEVEL (default INFO)."""
     import os
 
-    from .logs import setup
+    from ..logs import setup
 
     setup(fmt, os.environ.get("MAILER_LOG_LEVEL", "INFO").upper())
 
@@ -45,8 +45,8 @@ def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
     """Check campaign files (all of campaigns/ when none given)."""
     import logging
 
-    from .campaign import CampaignProblems, campaign_files, find_campaign
-    from .checks import check_campaign
+    from ..campaign import CampaignProblems, campaign_files, find_campaign
+    from ..checks import check_campaign
 
     log = logging.getLogger("mailer.cli")
     settings = ctx.settings
@@ -87,7 +87,7 @@ def validate(ctx: Ctx, campaigns: tuple[str, ...]) -> None:
 @user_errors
 def schema(ctx: Ctx) -> None:
     """Print the JSON Schema of a campaign file (for editor completion and hover help)."""
-    from .campaign import json_schema, template_names
+    from ..campaign import json_schema, template_names
 
     schema = json_schema(template_names(ctx.settings))
     click.echo(json.dumps(schema, indent=2, ensure_ascii=False))
@@ -116,7 +116,7 @@ def preview(ctx: Ctx, campaign: str, out: str | None, langs: tuple[str, ...],
         if out is not None or png:
             raise click.UsageError("--watch shows the preview in the browser: leave out "
                                    "--out and --png")
-        from .watch import run_watch
+        from ..watch import run_watch
 
         run_watch(ctx.settings, campaign, port=port, langs=list(langs), recipient=recipient,
                   echo=click.echo)
@@ -125,7 +125,7 @@ def preview(ctx: Ctx, campaign: str, out: str | None, langs: tuple[str, ...],
         raise click.UsageError("--out DIR is needed (or --watch for a live preview)")
     if port is not None:
         raise click.UsageError("--port goes with --watch")
-    from .preview import write_preview
+    from ..preview import write_preview
 
     for path in write_preview(ctx.settings, campaign, Path(out), langs=list(langs),
                               recipient=recipient, png=png):
@@ -133,14 +133,14 @@ def preview(ctx: Ctx, campaign: str, out: str | None, langs: tuple[str, ...],
 
 
 def _register() -> None:
-    from . import cli_mailbox, cli_ops, cli_run, cli_send, cli_status, cli_web
+    from . import mailbox, ops, run, send, status, web
 
-    cli_ops.register(main)
-    cli_send.register(main)
-    cli_run.register(main)
-    cli_web.register(main)
-    cli_status.register(main)
-    cli_mailbox.register(main)
+    ops.register(main)
+    send.register(main)
+    run.register(main)
+    web.register(main)
+    status.register(main)
+    mailbox.register(main)
 
 
 _register()

@@ -10,8 +10,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from .config import Settings, load_settings
-from .errors import MailerError, UserError
+from ..config import Settings, load_settings
+from ..errors import MailerError, UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,7 +28,7 @@ def error_line(message: str) -> None:
 
 def _say(message: str, *, error: bool = False) -> None:
     """On stderr: `error: …` as text, or with --log-format json one JSON line like the rest."""
-    from .logs import json_enabled
+    from ..logs import json_enabled
 
     if json_enabled():
         logging.getLogger("mailer").log(logging.ERROR if error else logging.INFO, message)

@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from .cli_base import Ctx, error_line, pass_ctx, user_errors
+from .base import Ctx, error_line, pass_ctx, user_errors
 
 
 def _store(ctx: Ctx) -> Any:
-    from .store import open_store
+    from ..store import open_store
 
     return open_store(ctx.settings.database_url)
 
@@ -29,7 +29,7 @@ def mailbox_group() -> None:
 @user_errors
 def mailbox_import(ctx: Ctx, paths: tuple[Path, ...]) -> None:
     """Read maildirs (cur/ and new/) and mbox files; reading a mail again changes nothing."""
-    from .mailbox import import_paths
+    from ..mailbox import import_paths
 
     summary = import_paths(_store(ctx), ctx.settings, paths)
     _finish(summary)
@@ -40,7 +40,7 @@ def mailbox_import(ctx: Ctx, paths: tuple[Path, ...]) -> None:
 @user_errors
 def mailbox_fetch(ctx: Ctx) -> None:
     """Read the new mails of the configured IMAP folder (config 'mailbox:')."""
-    from .mailbox import fetch
+    from ..mailbox import fetch
 
     summary = asyncio.run(fetch(_store(ctx), ctx.settings))
     _finish(summary)
@@ -68,8 +68,8 @@ def bounces_group() -> None:
 @user_errors
 def bounces_list(ctx: Ctx, as_json: bool, limit: int, kinds: tuple[str, ...]) -> None:
     """The most recent returned mails, newest first, with what was done and why."""
-    from .report import local_iso, local_time
-    from .store import queries as q
+    from ..report import local_iso, local_time
+    from ..store import queries as q
 
     settings = ctx.settings
     with _store(ctx).engine.connect() as conn:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_base import Ctx, pass_ctx, user_errors
+from .base import Ctx, pass_ctx, user_errors
 
 MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
 
@@ -20,7 +20,7 @@ MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
 @user_errors
 def doctor(ctx: Ctx, nameserver: str | None, offline: bool) -> None:
     """Check the configuration for production; print the DNS records to publish."""
-    from .doctor import diagnose
+    from ..doctor import diagnose
 
     result = diagnose(ctx.settings, nameserver=nameserver, offline=offline)
     width = max(len(f.check) for f in result.findings)
@@ -54,7 +54,7 @@ def dkim() -> None:
 @user_errors
 def dkim_keygen(selector: str, domain: str, out: Path, force: bool) -> None:
     """Make a 2048-bit RSA key and print the TXT record to publish."""
-    from .dkimkeys import generate
+    from ..dkimkeys import generate
 
     record = generate(out, selector=selector, domain=domain, force=force)
     click.echo(f"wrote {out} (RSA 2048, mode 600); publish this TXT record:\n")

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .cli_base import Ctx, error_line, pass_ctx, user_errors
+from .base import Ctx, error_line, pass_ctx, user_errors
 
 FAILED_SHOWN = 5  # failed fires listed under a campaign by `mailer schedule` (--json: all 20)
 
@@ -53,9 +53,9 @@ def config_path(ctx: Ctx) -> str:
 @user_errors
 def run(ctx: Ctx, once: bool) -> None:
     """The scheduler: fires every scheduled campaign on time, exactly once."""
-    from .links import refuse_broken_links
-    from .scheduler import serve
-    from .sending import stop_on_signals
+    from ..links import refuse_broken_links
+    from ..scheduler import serve
+    from ..sending import stop_on_signals
 
     settings = ctx.settings
     refuse_broken_links(settings)  # a real relay needs public https links; nothing written yet
@@ -80,8 +80,8 @@ def run(ctx: Ctx, once: bool) -> None:
 @user_errors
 def schedule(ctx: Ctx, as_json: bool) -> None:
     """Every scheduled campaign: next fire time, last run, missed occurrences."""
-    from .scheduler import schedule_overview
-    from .store import open_store
+    from ..scheduler import schedule_overview
+    from ..store import open_store
 
     settings = ctx.settings
     rows = schedule_overview(settings, open_store(settings.database_url), unscheduled=True)
@@ -95,7 +95,7 @@ def schedule(ctx: Ctx, as_json: bool) -> None:
 
 
 def _line(row: dict[str, Any], tz: tzinfo) -> str:
-    from .report import describe_occurrence
+    from ..report import describe_occurrence
 
     if row.get("error"):
         kept = row.get("kept")
@@ -124,7 +124,7 @@ def _line(row: dict[str, Any], tz: tzinfo) -> str:
 
 def _local(iso: str | None, tz: tzinfo) -> str | None:
     """An ISO time from the overview as staff read it (the configured zone, to the minute)."""
-    from .report import local_time
+    from ..report import local_time
 
     return local_time(datetime.fromisoformat(iso), tz) if iso else None
 

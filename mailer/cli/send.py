@@ -9,18 +9,18 @@ from typing import Any
 
 import click
 
-from .cli_base import Ctx, fail, pass_ctx, user_errors
+from .base import Ctx, fail, pass_ctx, user_errors
 
 
 def _store(ctx: Ctx) -> Any:
-    from .store import open_store
+    from ..store import open_store
 
     return open_store(ctx.settings.database_url)
 
 
 def _checked(ctx: Ctx, ref: str) -> Any:
-    from .campaign import find_campaign
-    from .checks import check_campaign
+    from ..campaign import find_campaign
+    from ..checks import check_campaign
 
     # The audience is resolved (and its lists checked) once, when the run starts.
     checked = check_campaign(find_campaign(ref, ctx.settings), ctx.settings,
@@ -51,9 +51,9 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], lang: str 
          limit: int | None, again: bool, resume: bool, retry_failed: bool,
          workers: str | None) -> None:
     """Send a campaign now (resumes an unfinished run)."""
-    from .links import refuse_broken_links
-    from .sending import dry_run as do_dry_run
-    from .sending import plan_run, send_run, test_send
+    from ..links import refuse_broken_links
+    from ..sending import dry_run as do_dry_run
+    from ..sending import plan_run, send_run, test_send
 
     settings = ctx.settings
     processes = _workers(settings, workers)
@@ -107,7 +107,7 @@ def _workers(settings: Any, given: str | None) -> int:
     """--workers N|auto, else dispatch.workers: the number of sending processes."""
     from pydantic import ValidationError
 
-    from .config import DispatchSettings
+    from ..config import DispatchSettings
 
     if given is None:
         return int(settings.dispatch.count(settings.smtp.pool_size))
@@ -142,8 +142,8 @@ def _where(settings: Any) -> None:
 @user_errors
 def report(ctx: Ctx, campaign: str, as_json: bool, failed: bool) -> None:
     """Counts per status for the campaign's runs."""
-    from .campaign import find_campaign, load_campaign
-    from .report import build_report, print_report
+    from ..campaign import find_campaign, load_campaign
+    from ..report import build_report, print_report
 
     settings = ctx.settings
     path = find_campaign(campaign, settings)
@@ -165,7 +165,7 @@ def suppressions() -> None:
 @pass_ctx
 @user_errors
 def suppressions_list(ctx: Ctx, as_json: bool) -> None:
-    from .store import queries as q
+    from ..store import queries as q
 
     with _store(ctx).engine.connect() as conn:
         rows = q.list_suppressions(conn)
@@ -186,8 +186,8 @@ def suppressions_list(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 @user_errors
 def suppressions_add(ctx: Ctx, emails: tuple[str, ...], reason: str, list_name: str) -> None:
-    from .audience import email_key, normalise_address
-    from .store import queries as q
+    from ..audience import email_key, normalise_address
+    from ..store import queries as q
 
     keys = []
     for raw in emails:
@@ -206,8 +206,8 @@ def suppressions_add(ctx: Ctx, emails: tuple[str, ...], reason: str, list_name: 
 @pass_ctx
 @user_errors
 def suppressions_remove(ctx: Ctx, emails: tuple[str, ...]) -> None:
-    from .audience import email_key
-    from .store import queries as q
+    from ..audience import email_key
+    from ..store import queries as q
 
     with _store(ctx).engine.begin() as conn:
         removed = sum(q.unsuppress(conn, email_key(e)) for e in emails)

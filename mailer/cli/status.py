@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli_base import Ctx, pass_ctx, user_errors
+from .base import Ctx, pass_ctx, user_errors
 
 
 @click.command("status")
@@ -20,8 +20,8 @@ def status(ctx: Ctx, as_json: bool) -> None:
 
     Exit code 0 when no campaign has a problem, 1 when one has (an invalid file, a missed fire).
     """
-    from .status import campaign_status
-    from .store import open_store
+    from ..status import campaign_status
+    from ..store import open_store
 
     settings = ctx.settings
     rows = campaign_status(settings, open_store(settings.database_url))

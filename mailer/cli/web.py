@@ -14,11 +14,11 @@ from typing import Any
 
 import click
 
-from .cli_base import Ctx, fail, pass_ctx, user_errors
+from .base import Ctx, fail, pass_ctx, user_errors
 
 
 def _store(ctx: Ctx) -> Any:
-    from .store import open_store
+    from ..store import open_store
 
     return open_store(ctx.settings.database_url)
 
@@ -33,10 +33,10 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     """Run the subscriber web app (subscribe, confirm, unsubscribe, preferences)."""
     import uvicorn
 
-    from .links import refuse_broken_links
-    from .logs import json_enabled
-    from .web import create_app
-    from .web.server import uvicorn_config
+    from ..links import refuse_broken_links
+    from ..logs import json_enabled
+    from ..web import create_app
+    from ..web.server import uvicorn_config
 
     settings = ctx.settings
     refuse_broken_links(settings)  # confirmation mails carry links under base_url
@@ -102,12 +102,12 @@ def _managed(ctx: Ctx, list_name: str) -> None:
 def subscribers_import(ctx: Ctx, file: str, list_name: str, consent_source: str | None,
                        send_confirmation: bool) -> None:
     """Add the addresses of a CSV/YAML file (as in lists/) to a managed list."""
-    from . import subscribers as subs
-    from .audience import load_list
+    from .. import subscribers as subs
+    from ..audience import load_list
 
     _managed(ctx, list_name)
     if send_confirmation:
-        from .links import refuse_broken_links
+        from ..links import refuse_broken_links
 
         refuse_broken_links(ctx.settings)
     if consent_source is not None and (not consent_source.strip() or len(consent_source) > 500):
@@ -130,10 +130,10 @@ def subscribers_import(ctx: Ctx, file: str, list_name: str, consent_source: str 
 
 
 async def _send_confirmations(ctx: Ctx, people: list[Any], list_name: str) -> int:
-    from .relay import open_transport
-    from .tokens import Tokens
-    from .transport import Outcome
-    from .web.mails import send_confirmation
+    from ..relay import open_transport
+    from ..tokens import Tokens
+    from ..transport import Outcome
+    from ..web.mails import send_confirmation
 
     settings = ctx.settings
     tokens = Tokens(settings.secret())
@@ -156,7 +156,7 @@ async def _send_confirmations(ctx: Ctx, people: list[Any], list_name: str) -> in
 @user_errors
 def subscribers_export(ctx: Ctx, list_name: str | None, fmt: str) -> None:
     """Print the members of the managed lists with their status."""
-    from . import subscribers as subs
+    from .. import subscribers as subs
 
     with _store(ctx).engine.connect() as conn:
         rows = subs.export_members(conn, list_name=list_name)
@@ -186,7 +186,7 @@ def spreadsheet_safe(value: object) -> object:
 @user_errors
 def subscribers_show(ctx: Ctx, email: str) -> None:
     """Everything stored about an address (right of access), as JSON."""
-    from . import subscribers as subs
+    from .. import subscribers as subs
 
     with _store(ctx).engine.connect() as conn:
         data = subs.show(conn, email)
@@ -200,7 +200,7 @@ def subscribers_show(ctx: Ctx, email: str) -> None:
 @user_errors
 def subscribers_forget(ctx: Ctx, email: str, yes: bool) -> None:
     """Erase an address's personal data (right to erasure); a hashed suppression stays."""
-    from . import subscribers as subs
+    from .. import subscribers as subs
 
     if not yes:
         click.confirm(f"Erase everything about {email}?", abort=True)
