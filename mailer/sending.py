@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection
 
-from .audience import Recipient, email_key, iter_audience, normalise_address, resolve
+from .audience import Recipient, email_key, iter_audience, normalise_address
 from .checks import Checked, sample_recipient
 from .compose import Composer, message_id
 from .config import Settings
 from .dispatch import RunResult, deliver_run, start_run
-from .relay import open_transport
 from .errors import UserError
+from .relay import open_transport
 from .store import RunStatus, Store
 from .store import queries as q
 from .tokens import Tokens
@@ -222,14 +222,18 @@ async def test_send(checked: Checked, settings: Settings, addresses: list[str], 
     if lang is not None and lang not in campaign.languages:
         raise UserError(f"--lang {lang}: the campaign has no '{lang}' text (it has "
                         f"{', '.join(campaign.languages)})")
-    known = {r.key: r for r in resolve(campaign.audience.lists, settings,
-                                       languages=campaign.audience.languages)}
-    targets = []
+    wanted = []
     for raw in addresses:
         try:
-            address = normalise_address(raw)
+            wanted.append(normalise_address(raw))
         except ValueError as exc:
             raise UserError(f"--to '{raw}' is not a valid address ({exc})") from None
+    keys = {email_key(address) for address in wanted}
+    known = {r.key: r for r in iter_audience(campaign.audience.lists, settings,
+                                             languages=campaign.audience.languages)
+             if r.key in keys}  # only these: the lists may hold a million
+    targets = []
+    for address in wanted:
         target = known.get(email_key(address)) or Recipient(
             email=address, name=sample.name, language=checked.campaign.default_language,
             fields=sample.fields, list=checked.campaign.audience.lists[0])
