@@ -136,8 +136,10 @@ class SendRun:
     output: str
 
 
-def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: float) -> SendRun:
-    env = {**os.environ, "MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": str(port),
+def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: float,
+                workers: str = "auto") -> SendRun:
+    env = {**os.environ, "MAILER_DISPATCH_WORKERS": workers,
+           "MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": str(port),
            "MAILER_SMTP_POOL_SIZE": str(pool), "MAILER_SMTP_RATE_PER_SECOND": "1000000",
            "MAILER_DATABASE_URL": db_url, "MAILER_SECRET_KEY": BENCH_SECRET,
            "MAILER_CONFIG": str(project / "config.yaml"), "PYTHONUNBUFFERED": "1"}
@@ -160,7 +162,7 @@ def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: fl
             now = time.perf_counter()
             if "started run" in line or "resuming run" in line:
                 stamps["start"] = now
-            elif re.match(r"run \d+: \d+ sent", line):
+            elif re.match(r"run \d+ of \S+: \d+ sent", line):
                 stamps["end"] = now
 
     def read_err() -> None:
@@ -195,7 +197,7 @@ def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: fl
         raise RuntimeError(f"mailer send exited {proc.returncode}:\n{out}\n{err[-3000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     rss_kb = int(m.group(1)) if m else hwm[0]
-    sent = re.search(r"run \d+: (\d+) sent", out)
+    sent = re.search(r"run \d+ of \S+: (\d+) sent", out)
     return SendRun(wall_s=wall, send_s=stamps.get("end", wall) - stamps.get("start", 0.0),
                    sent=int(sent.group(1)) if sent else 0, rss_mb=rss_kb / 1024, output=out)
 
@@ -228,6 +230,9 @@ def main() -> None:
     ap.add_argument("--skip-rates", action="store_true", help="only the RSS / ledger runs")
     ap.add_argument("--skip-postgres", action="store_true")
     ap.add_argument("--big-pool", type=int, default=4, help="pool size of the RSS/ledger runs")
+    ap.add_argument("--workers", default="1,auto",
+                    help="MAILER_DISPATCH_WORKERS values to compare (the default: one process, "
+                         "and one per core)")
     args = ap.parse_args()
     if args.quick:
         args.n, args.reps, args.big = 500, 2, "1000,5000"
@@ -254,29 +259,33 @@ def main() -> None:
             rows = []
             for s in [] if args.skip_rates else sessions:
                 src = smtp_source(port, s, args.n, args.reps)
-                walls, sends = [], []
-                for _ in range(args.reps):
-                    before = sink_messages(sink_log)
-                    r = mailer_send(project(args.n), port=port, pool=s, db_url=db(f"s{s}"),
-                                    timeout=max(120, args.n / 20))
-                    time.sleep(0.3)
-                    got = sink_messages(sink_log) - before
-                    if r.sent != args.n or got < args.n:
-                        print(f"  WARNING: mailer reported {r.sent} sent, sink counted {got}")
-                    walls.append(args.n / r.wall_s)
-                    sends.append(args.n / r.send_s)
-                w, sd = Stats(walls), Stats(sends)
-                rows.append((s, src, w, sd))
                 print(f"sessions {s:2}: smtp-source {src.fmt(' msg/s', digits=0)}", flush=True)
-                print(f"             mailer send, whole process {w.fmt(' msg/s', digits=0)}")
-                print(f"             mailer send, send phase    {sd.fmt(' msg/s', digits=0)}")
-                print(f"             RATIO whole/source {w.median / src.median:.3f}, send phase/"
-                      f"source {sd.median / src.median:.3f}  (target >= 0.5)", flush=True)
-            print(f"\n{'sessions':>8} {'smtp-source/s':>14} {'mailer/s':>9} {'send phase/s':>13}"
-                  f" {'ratio':>6} {'ratio(send)':>11}")
-            for s, src, w, sd in rows:
-                print(f"{s:8} {src.median:14,.0f} {w.median:9,.0f} {sd.median:13,.0f} "
-                      f"{w.median / src.median:6.3f} {sd.median / src.median:11.3f}")
+                for workers in args.workers.split(","):
+                    walls, sends = [], []
+                    for _ in range(args.reps):
+                        before = sink_messages(sink_log)
+                        r = mailer_send(project(args.n), port=port, pool=s,
+                                        db_url=db(f"s{s}"), timeout=max(120, args.n / 20),
+                                        workers=workers)
+                        time.sleep(0.3)
+                        got = sink_messages(sink_log) - before
+                        if r.sent != args.n or got < args.n:
+                            print(f"  WARNING: mailer reported {r.sent} sent, sink counted {got}")
+                        walls.append(args.n / r.wall_s)
+                        sends.append(args.n / r.send_s)
+                    w, sd = Stats(walls), Stats(sends)
+                    rows.append((s, workers, src, w, sd))
+                    print(f"  workers {workers:>4}: whole process {w.fmt(' msg/s', digits=0)}")
+                    print(f"                 send phase    {sd.fmt(' msg/s', digits=0)}")
+                    print(f"                 RATIO whole/source {w.median / src.median:.3f}, send "
+                          f"phase/source {sd.median / src.median:.3f}  (target >= 0.5)",
+                          flush=True)
+            print(f"\n{'sessions':>8} {'workers':>7} {'smtp-source/s':>14} {'mailer/s':>9} "
+                  f"{'send phase/s':>13} {'ratio':>6} {'ratio(send)':>11}")
+            for s, workers, src, w, sd in rows:
+                print(f"{s:8} {workers:>7} {src.median:14,.0f} {w.median:9,.0f} "
+                      f"{sd.median:13,.0f} {w.median / src.median:6.3f} "
+                      f"{sd.median / src.median:11.3f}")
             print(f"# {loadavg()}", flush=True)
 
             # 3: peak RSS and ledger cost.
