@@ -138,7 +138,7 @@ class SendRun:
 
 def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: float,
                 workers: str = "auto") -> SendRun:
-    env = {**os.environ, "MAILER_DISPATCH_WORKERS": workers,
+    env = {**os.environ, "MAILER_DISPATCH_WORKERS": workers, "MAILER_ALLOW_LOCAL_LINKS": "1",
            "MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": str(port),
            "MAILER_SMTP_POOL_SIZE": str(pool), "MAILER_SMTP_RATE_PER_SECOND": "1000000",
            "MAILER_DATABASE_URL": db_url, "MAILER_SECRET_KEY": BENCH_SECRET,
