@@ -78,8 +78,8 @@ def main() -> None:
                                               transport.SmtpPool.send)
         dispatch.GroupCommit.submit = timed_async("waiting for the ledger commit",
                                                   dispatch.GroupCommit.submit)
-        dispatch.Dispatcher._record = staticmethod(
-            timed_sync("ledger write (thread)", dispatch.Dispatcher._record))
+        dispatch.Dispatcher._record = timed_sync(  # type: ignore[method-assign]
+            "ledger write (thread)", dispatch.Dispatcher._record)
         dispatch.Dispatcher._tx = timed_async("other ledger transactions (claim, counts)",
                                               dispatch.Dispatcher._tx)
         cpu0, t0 = time.process_time(), time.perf_counter()
