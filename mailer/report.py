@@ -76,6 +76,7 @@ def build_report(store: Store, campaign_id: str, *, settings: Settings, failed: 
                 "first_sent": local_iso(first, tz),
                 "last_sent": local_iso(last, tz),
                 "in_flight_recovered": run.in_flight_recovered,
+                "sent_by": q.sent_by(conn, run.id),  # worker (host:pid:tag) -> rows
                 "failures": [{"code": code, "count": n, "example": text}
                              for code, n, text in q.failures_by_code(conn, run.id)],
                 "note": run.note,
@@ -117,6 +118,9 @@ def print_report(data: dict[str, Any], *, tz: tzinfo) -> None:
             first, last = (local_time(datetime.fromisoformat(run[k]), tz, seconds=True)
                            for k in ("first_sent", "last_sent"))
             click.echo(f"  first sent {first}, last sent {last}")
+        if len(run["sent_by"]) > 1:  # one worker is the usual case: nothing to say
+            workers = ", ".join(f"{w} {n}" for w, n in run["sent_by"].items())
+            click.echo(f"  sent by {len(run['sent_by'])} workers: {workers}")
         if run["in_flight_recovered"]:
             click.echo(f"  {run['in_flight_recovered']} caught in flight by a crash and sent "
                        "again (those the relay had already taken may have arrived twice)")

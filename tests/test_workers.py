@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections import Counter
@@ -44,6 +45,12 @@ async def test_two_workers_share_one_run(project: Project, fault_server) -> None
     assert len(by_worker) == 2 and sum(by_worker.values()) == 400, by_worker
     assert all(":" in w and n > 40 for w, n in by_worker.items())  # both did a real share
     assert "run 1 of crowd: 400 sent, 0 failed, 0 left" in out
+    code, report, err = await mailer(project, "report", "crowd", "--json")
+    assert code == 0, err
+    assert json.loads(report)["runs"][0]["sent_by"] == dict(by_worker.most_common())
+    code, text, _ = await mailer(project, "report", "crowd")
+    [line] = [x for x in text.splitlines() if "sent by" in x]
+    assert line.startswith("  sent by 2 workers: ") and all(w in line for w in by_worker)
 
 
 async def test_the_pool_is_divided_among_the_workers(project: Project, fault_server) -> None:  # noqa: F811

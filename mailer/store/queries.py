@@ -378,6 +378,18 @@ def sent_campaigns(conn: Connection) -> list[tuple[str, datetime]]:
     return [(str(r[0]), as_utc(r[1]) or utcnow()) for r in rows]
 
 
+def sent_by(conn: Connection, run_id: int) -> dict[str, int]:
+    """Rows sent (or bounced later) per worker that sent them, busiest first."""
+    d = deliveries
+    rows = conn.execute(
+        select(d.c.sent_by, func.count())
+        .where(d.c.run_id == run_id, d.c.sent_by.is_not(None),
+               d.c.status.in_([DeliveryStatus.SENT, DeliveryStatus.BOUNCED]))
+        .group_by(d.c.sent_by).order_by(func.count().desc(), d.c.sent_by)
+    ).all()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
 def failures_by_code(conn: Connection, run_id: int) -> list[tuple[int | None, int, str]]:
     d = deliveries
     rows = conn.execute(
