@@ -719,7 +719,7 @@ async def test_the_executor_fires_with_its_own_runner(project: Project) -> None:
         scheduler.add_job(fire, DateTrigger(run_date=t), id="daily", misfire_grace_time=None,
                           args=["daily", "/elsewhere/config.yaml"])
         scheduler.resume()
-        await until(lambda: runner.tasks, 5)
+        await until(lambda: runner.tasks, 15)  # a liveness wait: a loaded CI took over 5 s once
         await asyncio.wait(set(runner.tasks), timeout=20)
     finally:
         scheduler.shutdown(wait=False)
