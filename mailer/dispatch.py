@@ -19,7 +19,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Any, Protocol
 
 import jinja2
@@ -87,6 +87,12 @@ def backoff_s(attempts: int, base_s: float) -> float:
     six hours, with ±20 % jitter so that the retries of a batch do not march in step."""
     delay = base_s * 2.0 ** min(max(attempts - 1, 0), 30)
     return min(delay, MAX_BACKOFF_S) * random.uniform(0.8, 1.2)
+
+
+def retry_note(pending: int, due: datetime | None, tz: tzinfo) -> str:
+    """The progress note while every pending row waits for its retry."""
+    local = due.astimezone(tz).strftime("%H:%M:%S") if due else "now"
+    return f"waiting for {pending} retries until {local}"
 
 
 class Progress(Protocol):
@@ -229,9 +235,8 @@ class Dispatcher:
         else:
             due = await self._tx(lambda c: q.next_attempt(c, run_id))
             delay = max(0.0, (due - self.now()).total_seconds()) if due else 0.0
-            local = due.astimezone(self.settings.tz).strftime("%H:%M:%S") if due else "now"
             self.progress.update(done=done, total=total,
-                                 note=f"waiting for {counts['pending']} retries until {local}")
+                                 note=retry_note(counts["pending"], due, self.settings.tz))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), timeout=min(delay, 5.0) + 0.01)
         return not self.stop.is_set()

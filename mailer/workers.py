@@ -25,7 +25,7 @@ from typing import Any
 
 from .checks import Checked
 from .config import Settings
-from .dispatch import Progress, RunResult, deliver_run
+from .dispatch import Progress, RunResult, deliver_run, retry_note
 from .errors import AuthenticationFailure, LedgerError, UserError
 from .relay import open_transport
 from .store import RunStatus, Store
@@ -64,8 +64,7 @@ _ERRORS: dict[str, type[Exception]] = {
 
 
 def send_with_workers(settings: Settings, store: Store, checked: Checked, run: q.Run, *,
-                      workers: int, limit: int | None, progress: Progress,
-                      stop_signals: bool = True) -> RunResult:
+                      workers: int, limit: int | None, progress: Progress) -> RunResult:
     """Send the run with `workers` forked processes; returns when all of them ended."""
     pools = shares(settings.smtp.pool_size, workers)
     limits = shares(limit, workers) if limit is not None else [None] * workers
@@ -82,8 +81,7 @@ def send_with_workers(settings: Settings, store: Store, checked: Checked, run: q
         child.start()
         children.append(child)
     try:
-        asyncio.run(_watch(store, run, children, progress, tz=settings.tz,
-                           stop_signals=stop_signals))
+        asyncio.run(_watch(store, run, children, progress, tz=settings.tz))
     finally:
         for child in children:
             child.join()
@@ -119,7 +117,7 @@ def _exit_text(code: int | None) -> str:
 
 
 async def _watch(store: Store, run: q.Run, children: list[Any], progress: Progress, *,
-                 tz: tzinfo, stop_signals: bool) -> None:
+                 tz: tzinfo) -> None:
     """Progress from the ledger until every worker ended; signals go on to the workers."""
     loop = asyncio.get_running_loop()
 
@@ -128,7 +126,7 @@ async def _watch(store: Store, run: q.Run, children: list[Any], progress: Progre
             if child.is_alive() and child.pid is not None:
                 os.kill(child.pid, sig)
 
-    signals = (signal.SIGINT, signal.SIGTERM) if stop_signals else ()
+    signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, pass_on, sig)
     try:
@@ -137,10 +135,8 @@ async def _watch(store: Store, run: q.Run, children: list[Any], progress: Progre
                 q.status_counts(c, run.id), q.next_attempt(c, run.id),
                 q.due_count(c, run.id, q.utcnow()) == 0))
             done = counts["sent"] + counts["failed"] + counts["bounced"]
-            note = ""
-            if counts["pending"] and waiting and due is not None:  # all of them wait to retry
-                local = due.astimezone(tz).strftime("%H:%M:%S")
-                note = f"waiting for {counts['pending']} retries until {local}"
+            # Only when every pending row waits for its retry, as the dispatcher says it.
+            note = retry_note(counts["pending"], due, tz) if counts["pending"] and waiting else ""
             progress.update(done=done, total=sum(counts.values()), note=note)
             if not any(child.is_alive() for child in children):
                 return

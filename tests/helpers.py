@@ -83,3 +83,19 @@ def refuse_sent_rows(store: Store, *, on: bool) -> None:
         else:
             conn.exec_driver_sql("DROP TRIGGER refuse_sent ON deliveries")
             conn.exec_driver_sql("DROP FUNCTION refuse_sent()")
+
+
+class FakeTime:
+    """An injected clock: sleeping advances it instantly and records the wait."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(round(seconds, 6))
+        self.now += seconds
+        await asyncio.sleep(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from sqlalchemy import select, update
@@ -12,22 +11,7 @@ from mailer.quota import SharedBucket, SharedRateLimiter
 from mailer.store import Store, open_store
 from mailer.store.ops_tables import send_quota
 from tests.conftest import Project, both_databases
-
-
-class FakeTime:
-    """One clock for every limiter of a test: sleeping advances it and records the wait."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(round(seconds, 6))
-        self.now += seconds
-        await asyncio.sleep(0)
+from tests.helpers import FakeTime
 
 
 def limiter(store: Store, fake: FakeTime, **smtp: Any) -> SharedRateLimiter:
@@ -45,7 +29,7 @@ def balance(store: Store, name: str = "second") -> float:
 async def test_two_processes_share_one_budget(project: Project) -> None:
     url = project.settings().database_url
     one, two = open_store(url), open_store(url)  # two engines: as two processes have
-    fake = FakeTime()
+    fake = FakeTime(now=1_000_000.0)
     a, b = limiter(one, fake), limiter(two, fake)
     for _ in range(15):
         await a.acquire()
@@ -58,7 +42,7 @@ async def test_two_processes_share_one_budget(project: Project) -> None:
 @both_databases
 async def test_tokens_are_taken_in_grants(project: Project) -> None:
     store = open_store(project.settings().database_url)
-    fake = FakeTime()
+    fake = FakeTime(now=1_000_000.0)
     fast = limiter(store, fake, rate_per_second=1000)
     await fast.acquire()
     assert balance(store) == 1000 - 50  # one write took 50 ms of the rate
@@ -72,7 +56,7 @@ async def test_tokens_are_taken_in_grants(project: Project) -> None:
 @both_databases
 async def test_the_hourly_quota_is_shared_too(project: Project) -> None:
     url = project.settings().database_url
-    fake = FakeTime()
+    fake = FakeTime(now=1_000_000.0)
     a = limiter(open_store(url), fake, rate_per_hour=2)
     b = limiter(open_store(url), fake, rate_per_hour=2)
     await a.acquire()
@@ -84,7 +68,7 @@ async def test_the_hourly_quota_is_shared_too(project: Project) -> None:
 
 async def test_time_refills_up_to_the_burst_and_never_backwards(project: Project) -> None:
     store = open_store(project.settings().database_url)
-    fake = FakeTime()
+    fake = FakeTime(now=1_000_000.0)
     bucket = SharedBucket(store.engine, "second", rate_per_s=10, burst=10, grant=1,
                           clock=fake.clock, sleep=fake.sleep)
     for _ in range(10):

@@ -26,6 +26,7 @@ from mailer.transport import (
     dot_stuffed,
 )
 from tests import smtpd
+from tests.helpers import FakeTime
 from tests.smtpd import Faults, FaultServer
 
 fault_server = smtpd.fault_server  # fixtures shared with other test modules
@@ -56,22 +57,6 @@ def pool_for(server: FaultServer, **kwargs: Any) -> SmtpPool:
 
 def outgoing(recipient: str, key: int = 1, data: bytes = BODY) -> Outgoing:
     return Outgoing(key=key, sender=SENDER, recipient=recipient, data=data)
-
-
-class FakeTime:
-    """An injected clock: sleeping advances it instantly and records the wait."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(round(seconds, 6))
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 # -- classify -------------------------------------------------------------------------------
@@ -445,13 +430,18 @@ async def test_rate_per_second_paces_sends(fault_server) -> None:
     assert len(server.messages) == 30
 
 
-async def test_rate_limit_with_injected_clock(fault_server) -> None:
+@pytest.mark.parametrize(("rate", "sends", "sleeps"), [
+    (20, 30, [0.05] * 10),  # a burst of 20, then one every 50 ms
+    (0.5, 3, [2.0, 2.0]),  # below one per second: a burst of one
+])
+async def test_rate_limit_with_injected_clock(fault_server, rate: float, sends: int,
+                                              sleeps: list[float]) -> None:
     server = await fault_server()
     fake = FakeTime()
-    async with pool_for(server, rate_per_second=20, clock=fake.clock, sleep=fake.sleep) as pool:
-        for i in range(30):
+    async with pool_for(server, rate_per_second=rate, clock=fake.clock, sleep=fake.sleep) as pool:
+        for i in range(sends):
             await pool.send(outgoing(f"r{i}@example.org"))
-    assert fake.sleeps == [0.05] * 10
+    assert fake.sleeps == sleeps
 
 
 async def test_rate_per_hour_is_a_second_bucket(fault_server) -> None:
@@ -910,14 +900,6 @@ async def test_a_login_refused_for_good_with_a_5xx_stops_the_run(fault_server,
             await pool.send(outgoing("a@example.org"))
     assert caught.value.code == 504
 
-
-async def test_a_rate_below_one_per_second_allows_a_burst_of_one(fault_server) -> None:
-    server = await fault_server()
-    fake = FakeTime()
-    async with pool_for(server, rate_per_second=0.5, clock=fake.clock, sleep=fake.sleep) as pool:
-        for i in range(3):
-            await pool.send(outgoing(f"r{i}@example.org"))
-    assert fake.sleeps == [2.0, 2.0]
 
 
 def test_a_failure_is_logged_at_debug_with_key_and_recipient(caplog) -> None:
