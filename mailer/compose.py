@@ -2,8 +2,10 @@
 
 Everything that is the same for all recipients of a language (MIME skeleton, attachments,
 static headers) is encoded once in `Composer.__init__`; per recipient we fill the stage-2
-templates, quoted-printable encode the two text parts (binascii, in C) and write headers.
-The stdlib `email` package is only used to encode single header values.
+templates, quoted-printable encode the two text parts and write headers. The static lines of
+a body are encoded once and spliced in (`QPPieces`); only the merge values are encoded
+per recipient. The stdlib `email` package is only used to encode single
+header values.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import binascii
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime, formataddr
@@ -25,10 +27,11 @@ from .render import (
     Attachment,
     LangRendition,
     Links,
-    Personalised,
+    Pieces,
     Rendition,
     mostly_ascii,
-    personalise,
+    personalise_pieces,
+    static_text,
 )
 from .tokens import Tokens
 
@@ -122,7 +125,77 @@ def qp(text: str) -> bytes:
     data = text.encode("utf-8")
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    return binascii.b2a_qp(data, istext=True).replace(b"\n", CRLF)
+    return _fit_lines(binascii.b2a_qp(data, istext=True).replace(b"\n", CRLF))
+
+
+def _fit_lines(encoded: bytes, *, last: int = 76) -> bytes:
+    """Lines of at most 76 characters (`last` for the last one), as RFC 2045 §6.7 rule 5 wants.
+
+    b2a_qp encodes a blank that ends a line (=20) without checking the room left: such a
+    line runs to 77 or 78. A soft break goes before the overflow, never inside an escape.
+    """
+    lines = encoded.split(CRLF)
+    if len(lines[-1]) <= last and all(len(line) <= 76 for line in lines):
+        return encoded
+    fitted = []
+    for i, line in enumerate(lines):
+        width = last if i == len(lines) - 1 else 76
+        while len(line) > width:
+            at = width - 1  # the soft break's "=" takes the last place
+            while b"=" in line[at - 2:at]:
+                at -= 1
+            fitted.append(line[:at] + b"=")
+            line = line[at:]
+        fitted.append(line)
+    return CRLF.join(fitted)
+
+
+class QPPieces:
+    """Quoted-printable of a text given in pieces, the template's own pieces encoded once.
+
+    A language's template yields its own text as the same pieces for every recipient; only
+    the merge values between them differ. Each piece is encoded on its own, as if it began a
+    line, and the encodings are joined: where a piece's first line would not fit on the line
+    the last one left open, a soft line break (RFC 2045 §6.7 rule 5) comes first (no piece's
+    last line is longer than 75, so that one always fits). An encoding never ends in a raw
+    blank (b2a_qp encodes a blank at the end of its data), so the joined text decodes exactly
+    like `qp(whole)`. `static`: the template's text pieces, encoded up front; merge values are
+    encoded each time and never kept, so memory does not grow with the audience. The memo
+    maps a piece to its own encoding: what is in it changes speed, never the text.
+    """
+
+    def __init__(self, static: Iterable[str] = ()) -> None:
+        # piece -> (its encoding, length of its first line, of its last line or -1 if one)
+        self._memo = {piece: _encode_piece(piece) for piece in static if piece}
+
+    def __call__(self, pieces: Sequence[str]) -> bytes:
+        if any("\r" in piece for piece in pieces):  # a CRLF may be split between two pieces
+            pieces = ["".join(pieces).replace("\r\n", "\n").replace("\r", "\n")]
+        memo = self._memo
+        out: list[bytes] = []
+        column = 0
+        for piece in pieces:
+            if not piece:
+                continue
+            encoded, first, last = memo.get(piece) or _encode_piece(piece)
+            # 75, not 76: a later soft break may still need a place on this line.
+            if column and column + first > 75:
+                out.append(b"=\r\n")
+                column = 0
+            out.append(encoded)
+            column = column + first if last < 0 else last
+        return b"".join(out)
+
+
+def _encode_piece(piece: str) -> tuple[bytes, int, int]:
+    # b2a_qp copies the input's first line ending to its soft breaks: only LF comes in.
+    # The last line keeps a place for the soft break that may join the next piece.
+    encoded = _fit_lines(binascii.b2a_qp(piece.encode("utf-8"), istext=True)
+                         .replace(b"\n", CRLF), last=75)
+    cut = encoded.find(CRLF)
+    if cut < 0:
+        return encoded, len(encoded), -1
+    return encoded, cut, len(encoded) - encoded.rfind(CRLF) - 2
 
 
 def b64(data: bytes) -> bytes:
@@ -164,6 +237,8 @@ class Composer:
         self._tails = {lang: self._attachment_tail((*rendition.attachments, *lr.calendar))
                        for lang, lr in rendition.languages.items()}
         self._dkim = _load_dkim(settings)
+        self._qp = QPPieces(piece for lr in rendition.languages.values()
+                            for template in (lr.html, lr.text) for piece in static_text(template))
 
     def _static_headers(self) -> bytes:
         s = self.settings
@@ -205,7 +280,7 @@ class Composer:
     def compose(self, recipient: Recipient, *, message_id: str) -> Composed:
         lr = self.rendition.for_language(recipient.language)
         links = self.links(recipient, lr.lang)
-        body = personalise(lr, recipient, links)
+        body = personalise_pieces(lr, recipient, links)
         tail = self._tails[lr.lang]
         data = (self._headers(recipient, body, links, message_id, mixed=bool(tail))
                 + self._body(body, lr, tail))
@@ -214,7 +289,7 @@ class Composer:
         return Composed(data=data, subject=body.subject, lang=lr.lang)
 
     def _headers(
-        self, recipient: Recipient, body: Personalised, links: Links, message_id: str, *,
+        self, recipient: Recipient, body: Pieces, links: Links, message_id: str, *,
         mixed: bool,
     ) -> bytes:
         subject = f"[TEST] {body.subject}" if self.test else body.subject
@@ -235,19 +310,12 @@ class Composer:
             ctype = f'Content-Type: multipart/alternative; boundary="{self._alt}"'
         return CRLF.join(lines) + CRLF + self._static + ctype.encode() + CRLF + CRLF
 
-    @staticmethod
-    def _encoded(text: str, mostly_ascii: bool) -> bytes:
-        """Quoted-printable for Latin scripts; base64 where it is smaller (Arabic, Cyrillic)."""
-        if mostly_ascii:
-            return b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + qp(text)
-        return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(text.encode("utf-8"))
-
-    def _body(self, body: Personalised, lr: LangRendition, tail: bytes) -> bytes:
+    def _body(self, body: Pieces, lr: LangRendition, tail: bytes) -> bytes:
         alt = (
             f"--{self._alt}\r\nContent-Type: text/plain; charset=utf-8\r\n".encode()
-            + self._encoded(body.text, lr.text_mostly_ascii)
+            + encoded_part(body.text, lr.text_mostly_ascii, self._qp)
             + f"\r\n--{self._alt}\r\nContent-Type: text/html; charset=utf-8\r\n".encode()
-            + self._encoded(body.html, lr.html_mostly_ascii)
+            + encoded_part(body.html, lr.html_mostly_ascii, self._qp)
             + f"\r\n--{self._alt}--\r\n".encode()
         )
         if not tail:
@@ -257,11 +325,20 @@ class Composer:
         return head + alt + tail
 
 
+def encoded_part(pieces: Sequence[str], mostly_ascii: bool,
+                 encode_qp: Callable[[Sequence[str]], bytes] | None = None) -> bytes:
+    """Quoted-printable for Latin scripts; base64 where it is smaller (Arabic, Cyrillic)."""
+    if mostly_ascii:
+        data = encode_qp(pieces) if encode_qp is not None else qp("".join(pieces))
+        return b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + data
+    return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64("".join(pieces).encode("utf-8"))
+
+
 def _encoded_attachment(att: Attachment) -> bytes:
     """A text attachment (calendar entries) like a text part, by size; files in base64."""
     if att.content_type.startswith("text/"):
         text = att.data.decode("utf-8")
-        return Composer._encoded(text, mostly_ascii(text))
+        return encoded_part([text], mostly_ascii(text))
     return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(att.data)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import textwrap
+import types
 import unicodedata
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -92,6 +93,18 @@ class Personalised:
     subject: str
     html: str
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pieces:
+    """A personalised message as its templates yield it, piece by piece: the template's own
+    text comes as the same string objects for every recipient, each merge value as its own
+    piece (compose encodes the first once and only the second per recipient)."""
+
+    lang: str
+    subject: str
+    html: list[str]
+    text: list[str]
 
 
 # --- stage 2: the per-recipient templates -------------------------------------------------
@@ -789,20 +802,44 @@ class Neutral(jinja2.Undefined):
         return self._text
 
 
-def personalise(lr: LangRendition, recipient: Recipient | Mapping[str, object],
-                links: Links) -> Personalised:
+def personalise_pieces(lr: LangRendition, recipient: Recipient | Mapping[str, object],
+                      links: Links) -> Pieces:
     """Fill the stage-2 templates for one recipient (or a mapping of merge values)."""
     merged = recipient.merge() if isinstance(recipient, Recipient) else recipient
     values = {"recipient": merged, "links": {
         "unsubscribe": links.unsubscribe, "preferences": links.preferences,
         "view_online": links.view_online}}
     subject = lr.static_subject if lr.static_subject is not None else lr.subject.render(values)
-    return Personalised(
+    return Pieces(
         lang=lr.lang,
         subject=" ".join(subject.split()),
-        html=lr.html.render(values),
-        text=lr.text.render(values),
+        html=list(lr.html.generate(values)),
+        text=list(lr.text.generate(values)),
     )
+
+
+def static_text(template: jinja2.Template) -> set[str]:
+    """The text a stage-2 template yields as it is: the string constants of its compiled code,
+    which `generate` hands out as the same objects every time. (Names and keys the code uses
+    come along; they are short and cost nothing but a memo entry.)"""
+    found: set[str] = set()
+    codes = [template.root_render_func.__code__,
+             *(f.__code__ for f in template.blocks.values())]
+    while codes:
+        for const in codes.pop().co_consts:
+            if isinstance(const, str):
+                found.add(const)
+            elif isinstance(const, types.CodeType):
+                codes.append(const)
+    return found
+
+
+def personalise(lr: LangRendition, recipient: Recipient | Mapping[str, object],
+                links: Links) -> Personalised:
+    """The personalised message as whole texts."""
+    p = personalise_pieces(lr, recipient, links)
+    return Personalised(lang=p.lang, subject=p.subject, html="".join(p.html),
+                        text="".join(p.text))
 
 
 SAMPLE_LINKS = Links("https://x.example.org/u", "https://x.example.org/p",

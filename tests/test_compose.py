@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailer.audience import Recipient
-from mailer.checks import check_campaign
+from mailer.checks import Checked, check_campaign
 from mailer.compose import Composer, address_header, encode_header
 from mailer.errors import ConfigError
 from mailer.tokens import Tokens
@@ -203,7 +203,7 @@ Content-Transfer-Encoding: quoted-printable
 
 Neues aus dem Tr=C3=A4gerkreis
 
-Hallo Zo=C3=AB Y=C4=B1lmaz
+Hallo=20Zo=C3=AB Y=C4=B1lmaz
 =3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D=3D
 
 Das FORUM INTEGRATION l=C3=A4dt ein.
@@ -249,7 +249,8 @@ def test_a_composed_message_byte_for_byte(project: Project) -> None:
     html_head = (f"--=_alt_{b}\nContent-Type: text/html; charset=utf-8\n"
                  "Content-Transfer-Encoding: quoted-printable\n\n<!doctype html>")
     assert html_head in text
-    assert f"Abmelden: http://127.0.0.1:8000/unsubscribe/{token[:20]}" in text
+    plain = email.message_from_string(text, policy=email.policy.default).get_body(("plain",))
+    assert f"Abmelden: http://127.0.0.1:8000/unsubscribe/{token}\n" in plain.get_content()
     assert composed.subject == "Grüße an Zoë Yılmaz" and composed.lang == "de"
     # A second recipient: same boundaries (encoded once), another token and name.
     other = composer.compose(Recipient("a@example.org", "Anna", "de", list="partners"),
@@ -278,15 +279,20 @@ def test_arabic_parts_go_base64_and_test_sends_say_so(project: Project) -> None:
     assert all(len(line) <= 78 for line in body.split(b"\r\n"))
 
 
-def test_each_part_takes_the_smaller_transfer_encoding(project: Project) -> None:
-    """The shipped Arabic newsletter: its HTML is mostly ASCII markup, its text part is not."""
-    from mailer.compose import b64, qp
-
+def shipped_newsletter(project: Project) -> tuple[Checked, Composer]:
+    """The shipped December newsletter (de, tr, ar) and a composer for it."""
     settings = project.settings()
     shipped = Path(__file__).resolve().parent.parent / "campaigns"
     checked = check_campaign(shipped / "wir-alle-sind-dortmund-2026-12.yaml", settings,
                              with_audience=False)
-    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()))
+    return checked, Composer(checked.rendition, settings, tokens=Tokens(settings.secret()))
+
+
+def test_each_part_takes_the_smaller_transfer_encoding(project: Project) -> None:
+    """The shipped Arabic newsletter: its HTML is mostly ASCII markup, its text part is not."""
+    from mailer.compose import b64, qp
+
+    checked, composer = shipped_newsletter(project)
     for lang in checked.campaign.languages:
         data = composer.compose(Recipient("r@example.org", "Rania", lang, list="partners"),
                                 message_id="<enc@imag.example.org>").data
@@ -387,6 +393,86 @@ def test_quoted_printable_has_crlf_line_ends_whatever_came_in() -> None:
     encoded = qp("eins\r\nzwei\rdrei\nvier")
     assert b"\n" not in encoded.replace(b"\r\n", b"") and b"=0D" not in encoded
     assert binascii.a2b_qp(encoded) == b"eins\r\nzwei\r\ndrei\r\nvier"
+
+
+# Pieces as a template yields them: long ones (soft breaks), trailing blanks, line ends at either
+# side, "=", dots, umlauts, Arabic, and anything else.
+_pieces = st.lists(st.sampled_from([
+    "", " ", "\n", "Hallo Ayşe,", "a" * 75, "b" * 76, "c " * 60, "Preis = 5 €  ", ".\n", "\t",
+    "<td style=\"color:#333\">Gemeinsam gegen Rassismus</td>\n" * 3, "From here", "x=\ty ",
+    "\nneue Zeile", "مرحبا", "Ende \n\n",
+]) | st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200), max_size=12)
+
+
+def assert_clean_qp(encoded: bytes) -> None:
+    """RFC 2045 §6.7: printable ASCII, lines of at most 76, no blank before a line end."""
+    for line in encoded.split(b"\r\n"):
+        assert len(line) <= 76 and not line.endswith((b" ", b"\t")), line
+        assert all(32 <= b < 127 or b == 9 for b in line), line
+    assert b"\r" not in encoded.replace(b"\r\n", b"") and b"\n" not in encoded.replace(b"\r\n", b"")
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=_pieces, ends=st.sampled_from(["\n", "\r\n", "\r"]))
+def test_pieces_encoded_apart_decode_like_quoted_printable_of_the_whole(
+        pieces: list[str], ends: str) -> None:
+    import binascii
+
+    from mailer.compose import QPPieces, qp
+
+    pieces = [p.replace("\n", ends) for p in pieces]
+    first, again = QPPieces()(pieces), QPPieces(pieces)(pieces)  # encoded now, from the memo
+    assert first == again
+    assert_clean_qp(first)
+    assert binascii.a2b_qp(first) == binascii.a2b_qp(qp("".join(pieces)))
+
+
+@pytest.mark.parametrize("text", [
+    "a" * 75 + " \nb", "a" * 74 + "\t\n", "a" * 73 + "ä \nb", "b" * 76, "=" * 30 + " \n"])
+def test_quoted_printable_lines_stay_within_76_even_when_they_end_in_a_blank(text: str) -> None:
+    """binascii's b2a_qp writes such lines with 77 or 78 characters (its =20 is not counted)."""
+    import binascii
+
+    from mailer.compose import qp
+
+    encoded = qp(text)
+    assert_clean_qp(encoded)
+    assert binascii.a2b_qp(encoded) == text.replace("\n", "\r\n").encode()
+
+
+def test_pieces_share_a_line_while_it_has_room_then_a_soft_break_joins_them() -> None:
+    from mailer.compose import QPPieces
+
+    assert QPPieces()(["Hallo ", "Ayşe", ",\nschön", "\n"]) == (
+        b"Hallo=20Ay=C5=9Fe,\r\nsch=C3=B6n\r\n")
+    assert QPPieces()(["a" * 70, "b" * 5, "c"]) == b"a" * 70 + b"bbbbb=\r\nc"
+    assert QPPieces()(["a" * 70, "b" * 6]) == b"a" * 70 + b"=\r\n" + b"b" * 6
+    long = QPPieces()(["x" * 10, "y" * 100 + "\nz"])  # a piece's own soft break, then its end
+    assert long == b"x" * 10 + b"=\r\n" + b"y" * 75 + b"=\r\n" + b"y" * 25 + b"\r\nz"
+
+
+def test_the_static_pieces_come_from_the_memo_and_merge_values_never_enter_it() -> None:
+    from mailer.compose import QPPieces
+
+    memo = QPPieces(["Hallo ", ",\nschön"])
+    assert set(memo._memo) == {"Hallo ", ",\nschön"}
+    memo._memo["Hallo "] = (b"HALLO=20", 8, -1)  # a marked entry: is it read?
+    assert memo(["Hallo ", "Ayşe", ",\nschön"]) == b"HALLO=20Ay=C5=9Fe,\r\nsch=C3=B6n"
+    assert set(memo._memo) == {"Hallo ", ",\nschön"}  # the name was not kept
+
+
+def test_the_composer_splices_the_templates_pieces_from_its_memo(project: Project) -> None:
+    checked, composer = shipped_newsletter(project)
+    people = [Recipient(f"p{i}@example.org", f"Person{i}", "de", list="partners")
+              for i in range(3)]
+    messages = [composer.compose(r, message_id="<m@imag.example.org>").data for r in people]
+    memo = composer._qp._memo
+    assert sum(len(piece) for piece in memo) > 20_000  # the templates' own text, all languages
+    assert not any("Person" in piece or "@example.org" in piece for piece in memo)
+    for person, data in zip(people, messages, strict=True):
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        text = msg.get_body(("plain",)).get_content()
+        assert person.name in text and all(p.name not in text for p in people if p != person)
 
 
 def test_non_ascii_attachment_names_go_as_rfc_2231() -> None:
