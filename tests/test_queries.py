@@ -328,18 +328,36 @@ def test_record_writes_each_outcome_to_its_own_row_and_ends_the_claim(store: Sto
         before = q.utcnow()
         q.record(conn, [
             q.Outcome(ids[0], SENT, 250, "ok queued", sent_at=NOW, message_id="<a@example.org>"),
-            q.Outcome(ids[1], PENDING, 451, "x" * 501, next_attempt_at=NOW + MINUTE)])
+            q.Outcome(ids[1], PENDING, 451, "x" * 501, next_attempt_at=NOW + MINUTE)],
+            worker="host:9:w")
         after = q.utcnow()
         written = [row(conn, i) for i in ids]
+        # The timestamps are stored as SQLAlchemy stores them: the claim still compares them.
+        assert q.claim(conn, run.id, worker="w2", limit=3, now=NOW + MINUTE / 2) == []
+        assert [c.id for c in q.claim(conn, run.id, worker="w2", limit=3,
+                                      now=NOW + 2 * MINUTE)] == [ids[1]]
     columns = ("status", "smtp_code", "smtp_text", "next_attempt_at", "sent_at", "message_id",
-               "claimed_by")
+               "claimed_by", "sent_by")
     assert [tuple(r[c] for c in columns) for r in written] == [
-        ("sent", 250, "ok queued", None, NOW, "<a@example.org>", None),
-        ("pending", 451, "x" * 500, NOW + MINUTE, None, None, None),
-        ("sending", None, None, None, None, None, "w1")]
+        ("sent", 250, "ok queued", None, NOW, "<a@example.org>", None, "host:9:w"),
+        ("pending", 451, "x" * 500, NOW + MINUTE, None, None, None, "host:9:w"),
+        ("sending", None, None, None, None, None, "w1", None)]
     assert before <= written[0]["updated_at"] <= after
     assert before <= written[1]["updated_at"] <= after
     assert written[2]["updated_at"] == NOW
+
+
+@both_databases
+def test_record_stores_a_time_exactly_as_the_other_queries_do(store: Store) -> None:
+    """`record` writes driver SQL: its timestamps must be stored in SQLAlchemy's own form
+    (on SQLite a text the claim compares), like `claim` stores `claimed_at`."""
+    run, ids = ledger(store, people(1))
+    with store.engine.begin() as conn:
+        q.claim(conn, run.id, worker="w1", limit=1, now=NOW)
+        q.record(conn, [q.Outcome(ids[0], PENDING, 451, "later", next_attempt_at=NOW)])
+        raw = conn.exec_driver_sql(
+            "SELECT next_attempt_at, claimed_at FROM deliveries WHERE id = %d" % ids[0]).one()
+    assert raw[0] == raw[1]
 
 
 @both_databases

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 
 from .tables import (
     DeliveryStatus,
@@ -252,24 +254,39 @@ def claim(conn: Connection, run_id: int, *, worker: str, limit: int, now: dateti
 def record(conn: Connection, outcomes: Sequence[Outcome], *, worker: str | None = None
            ) -> None:
     """Write the results of a batch of SMTP transactions in one statement; `worker` is
-    kept as the row's `sent_by` (which process made the attempt)."""
+    kept as the row's `sent_by` (which process made the attempt).
+
+    The one statement on the per-message path, so it goes to the driver as plain SQL: built
+    through SQLAlchemy's expression and bind processing it cost 0.37-0.63 ms of CPU per write
+    (1-4 rows), as driver SQL 0.16-0.26 ms (bench notes, issue 13).
+    """
     if not outcomes:
         return
-    d = deliveries
-    stmt = (
-        update(d)
-        .where(d.c.id == bindparam("b_id"))
-        .values(status=bindparam("b_status"), smtp_code=bindparam("b_code"),
-                smtp_text=bindparam("b_text"), next_attempt_at=bindparam("b_next"),
-                sent_at=bindparam("b_sent"), message_id=bindparam("b_mid"),
-                updated_at=bindparam("b_now"), claimed_by=None, sent_by=worker)
-    )
-    now = utcnow()
-    conn.execute(stmt, [
-        {"b_id": o.id, "b_status": o.status, "b_code": o.smtp_code, "b_text": o.smtp_text[:500],
-         "b_next": o.next_attempt_at, "b_sent": o.sent_at, "b_mid": o.message_id, "b_now": now}
+    sql, stamp = _record_sql(conn.dialect)
+    now = stamp(utcnow())
+    conn.exec_driver_sql(sql, [
+        {"status": o.status.value, "code": o.smtp_code, "text": o.smtp_text[:500],
+         "next": stamp(o.next_attempt_at), "sent": stamp(o.sent_at), "mid": o.message_id,
+         "now": now, "worker": worker, "id": o.id}
         for o in outcomes
     ])
+
+
+@functools.lru_cache(maxsize=4)  # one or two engines a process; tests make many
+def _record_sql(dialect: Dialect) -> tuple[str, Callable[[datetime | None], Any]]:
+    """The UPDATE of `record` in the driver's named-parameter style, and how this dialect
+    stores a timestamp (SQLite: SQLAlchemy's text format, so comparisons keep working)."""
+    mark = ":{}" if dialect.name == "sqlite" else "%({})s"
+    names = {k: mark.format(k) for k in
+             ("status", "code", "text", "next", "sent", "mid", "now", "worker", "id")}
+    d = deliveries.name
+    sql = (f"UPDATE {d} SET status = {names['status']}, smtp_code = {names['code']}, "
+           f"smtp_text = {names['text']}, next_attempt_at = {names['next']}, "
+           f"sent_at = {names['sent']}, message_id = {names['mid']}, "
+           f"updated_at = {names['now']}, claimed_by = NULL, sent_by = {names['worker']} "
+           f"WHERE id = {names['id']}")
+    process = deliveries.c.sent_at.type.dialect_impl(dialect).bind_processor(dialect)
+    return sql, process or (lambda value: value)
 
 
 def release(conn: Connection, ids: Sequence[int]) -> None:
