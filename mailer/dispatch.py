@@ -16,8 +16,10 @@ import logging
 import os
 import random
 import secrets
+import signal
 import socket
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from typing import Any, Protocol
@@ -364,6 +366,19 @@ class Dispatcher:
 
     async def _tx(self, fn: Callable[[Connection], Any]) -> Any:
         return await q.in_transaction(self.store.engine, fn)
+
+
+@contextmanager
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[None]:
+    """First Ctrl-C/SIGTERM: stop claiming, finish in-flight, leave the run resumable."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import click
 from sqlalchemy import Connection
 
 from .config import Settings
-from .store import Store
+from .store import FAILED_ONCE, MISSED_ONCE, ONCE, Store
 from .store import queries as q
 
 
@@ -33,9 +33,6 @@ def run_numbers(conn: Connection, campaign_id: str) -> dict[int, int]:
 
 def describe_occurrence(occurrence: str, tz: tzinfo) -> str:
     """The occurrence key of a run as words: `once`, `manual-20261203T…`, a cron fire time…"""
-    from .scheduler import FAILED_ONCE, MISSED_ONCE
-    from .sending import ONCE
-
     named = {ONCE: "one-off", MISSED_ONCE: "one-off, missed", FAILED_ONCE: "one-off, fire failed"}
     if occurrence in named:
         return named[occurrence]

@@ -91,8 +91,7 @@ from .config import Settings, load_settings
 from .errors import MailerError, UserError
 from .files import private_dir
 from .redact import redact_addresses
-from .sending import ONCE  # the occurrence of a one-off campaign, shared with `mailer send`
-from .store import RunStatus, Store, open_store
+from .store import FAILED_ONCE, MISSED_ONCE, ONCE, RunStatus, Store, open_store
 from .store import queries as q
 from .store.tables import runs
 from .triggers import cron_trigger
@@ -100,8 +99,6 @@ from .triggers import cron_trigger
 log = logging.getLogger("mailer.scheduler")
 
 JOB_TABLE = "scheduler_jobs"
-MISSED_ONCE = "once-missed"  # a one-off recorded as missed; leaves "once" free for `mailer send`
-FAILED_ONCE = "once-failed"  # a one-off whose fire failed before its run existed; likewise
 FIRE_FAILED = "fire failed"  # how the note of a run whose delivery a failure cut off begins
 TRIGGER = "scheduler"
 

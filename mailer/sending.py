@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -17,15 +15,13 @@ from .audience import Recipient, email_key, iter_audience, normalise_address
 from .checks import Checked, sample_recipient
 from .compose import Composer, message_id
 from .config import Settings
-from .dispatch import RunResult, deliver_run, start_run
+from .dispatch import RunResult, deliver_run, start_run, stop_on_signals
 from .errors import UserError
 from .relay import open_transport
-from .store import RunStatus, Store
+from .store import ONCE, RunStatus, Store
 from .store import queries as q
 from .tokens import Tokens
 from .transport import Outcome, Outgoing
-
-ONCE = "once"
 
 
 def occurrence_for(checked: Checked, *, again: bool, now: datetime) -> str:
@@ -163,19 +159,6 @@ class LineProgress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-@contextmanager
-def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[None]:
-    """First Ctrl-C/SIGTERM: stop claiming, finish in-flight, leave the run resumable."""
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        yield
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
 
 
 def send_run(settings: Settings, store: Store, checked: Checked, run: q.Run, *,

@@ -18,7 +18,7 @@ from .campaign import Campaign, campaign_files, resolve_local
 from .checks import Checked, check_campaign
 from .config import Settings
 from .report import local_iso
-from .store import RunStatus, Store
+from .store import ONCE, RunStatus, Store
 from .store import queries as q
 
 
@@ -90,7 +90,6 @@ def _schedule(conn: Connection, campaign: Campaign, runs: list[q.Run], settings:
               now: datetime) -> tuple[datetime | None, str | None]:
     """The next fire as `mailer schedule` computes it, and a missed fire as a problem."""
     from .scheduler import next_fire, one_off_done
-    from .sending import ONCE
 
     schedule = campaign.schedule
     if schedule is None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from .checks import Checked
 from .config import Settings
-from .dispatch import Progress, RunResult, deliver_run, retry_note
+from .dispatch import Progress, RunResult, deliver_run, retry_note, stop_on_signals
 from .errors import AuthenticationFailure, LedgerError, UserError
 from .relay import open_transport
 from .store import RunStatus, Store
@@ -180,7 +180,6 @@ def _worker(number: int, settings: Settings, store: Store, checked: Checked, run
 
 async def _send(settings: Settings, store: Store, checked: Checked, run: q.Run,
                 pool_size: int, limit: int | None) -> RunResult:
-    from .sending import stop_on_signals
 
     # Its share of the connections bounds its transactions in flight too (the crash bound).
     settings = settings.model_copy(update={

@@ -356,7 +356,7 @@ def test_record_stores_a_time_exactly_as_the_other_queries_do(store: Store) -> N
         q.claim(conn, run.id, worker="w1", limit=1, now=NOW)
         q.record(conn, [q.Outcome(ids[0], PENDING, 451, "later", next_attempt_at=NOW)])
         raw = conn.exec_driver_sql(
-            "SELECT next_attempt_at, claimed_at FROM deliveries WHERE id = %d" % ids[0]).one()
+            f"SELECT next_attempt_at, claimed_at FROM deliveries WHERE id = {ids[0]}").one()
     assert raw[0] == raw[1]
 
 

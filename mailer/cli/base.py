@@ -6,12 +6,15 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from ..config import Settings, load_settings
 from ..errors import MailerError, UserError
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,6 +67,13 @@ class Ctx:
         if self._settings is None:
             self._settings = load_settings(self.config_path)
         return self._settings
+
+    def store(self) -> Store:
+        """The database of the settings, its schema brought up to date (imported late: a
+        command that needs no database does not load SQLAlchemy)."""
+        from ..store import open_store
+
+        return open_store(self.settings.database_url)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

@@ -12,12 +12,6 @@ import click
 from .base import Ctx, error_line, pass_ctx, user_errors
 
 
-def _store(ctx: Ctx) -> Any:
-    from ..store import open_store
-
-    return open_store(ctx.settings.database_url)
-
-
 @click.group("mailbox")
 def mailbox_group() -> None:
     """Returned mail: bounces, complaints, unsubscribes by mail."""
@@ -31,7 +25,7 @@ def mailbox_import(ctx: Ctx, paths: tuple[Path, ...]) -> None:
     """Read maildirs (cur/ and new/) and mbox files; reading a mail again changes nothing."""
     from ..mailbox import import_paths
 
-    summary = import_paths(_store(ctx), ctx.settings, paths)
+    summary = import_paths(ctx.store(), ctx.settings, paths)
     _finish(summary)
 
 
@@ -42,7 +36,7 @@ def mailbox_fetch(ctx: Ctx) -> None:
     """Read the new mails of the configured IMAP folder (config 'mailbox:')."""
     from ..mailbox import fetch
 
-    summary = asyncio.run(fetch(_store(ctx), ctx.settings))
+    summary = asyncio.run(fetch(ctx.store(), ctx.settings))
     _finish(summary)
 
 
@@ -72,7 +66,7 @@ def bounces_list(ctx: Ctx, as_json: bool, limit: int, kinds: tuple[str, ...]) ->
     from ..store import queries as q
 
     settings = ctx.settings
-    with _store(ctx).engine.connect() as conn:
+    with ctx.store().engine.connect() as conn:
         rows = q.recent_returned(conn, limit=limit, kinds=kinds)
     if as_json:
         for row in rows:

@@ -53,9 +53,9 @@ def config_path(ctx: Ctx) -> str:
 @user_errors
 def run(ctx: Ctx, once: bool) -> None:
     """The scheduler: fires every scheduled campaign on time, exactly once."""
+    from ..dispatch import stop_on_signals
     from ..links import refuse_broken_links
     from ..scheduler import serve
-    from ..sending import stop_on_signals
 
     settings = ctx.settings
     refuse_broken_links(settings)  # a real relay needs public https links; nothing written yet
@@ -81,10 +81,9 @@ def run(ctx: Ctx, once: bool) -> None:
 def schedule(ctx: Ctx, as_json: bool) -> None:
     """Every scheduled campaign: next fire time, last run, missed occurrences."""
     from ..scheduler import schedule_overview
-    from ..store import open_store
 
     settings = ctx.settings
-    rows = schedule_overview(settings, open_store(settings.database_url), unscheduled=True)
+    rows = schedule_overview(settings, ctx.store(), unscheduled=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return

@@ -12,12 +12,6 @@ import click
 from .base import Ctx, fail, pass_ctx, user_errors
 
 
-def _store(ctx: Ctx) -> Any:
-    from ..store import open_store
-
-    return open_store(ctx.settings.database_url)
-
-
 def _checked(ctx: Ctx, ref: str) -> Any:
     from ..campaign import find_campaign
     from ..checks import check_campaign
@@ -73,7 +67,7 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], lang: str 
             of = "" if everyone else f" of {len(results)}"
             click.echo(f"{everyone}{failed}{of} test mails failed")
         sys.exit(exit_code(sent=len(results) - failed, failed=failed))
-    store = _store(ctx)
+    store = ctx.store()
     if dry_run:
         count, size = do_dry_run(checked, settings, store)
         click.echo(f"dry run: {count} messages would be sent "
@@ -148,7 +142,7 @@ def report(ctx: Ctx, campaign: str, as_json: bool, failed: bool) -> None:
     settings = ctx.settings
     path = find_campaign(campaign, settings)
     campaign_id = load_campaign(path, settings).id if path.exists() else campaign
-    data = build_report(_store(ctx), campaign_id, settings=settings, failed=failed)
+    data = build_report(ctx.store(), campaign_id, settings=settings, failed=failed)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
     else:
@@ -167,7 +161,7 @@ def suppressions() -> None:
 def suppressions_list(ctx: Ctx, as_json: bool) -> None:
     from ..store import queries as q
 
-    with _store(ctx).engine.connect() as conn:
+    with ctx.store().engine.connect() as conn:
         rows = q.list_suppressions(conn)
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
@@ -195,7 +189,7 @@ def suppressions_add(ctx: Ctx, emails: tuple[str, ...], reason: str, list_name: 
             keys.append(email_key(normalise_address(raw)))
         except ValueError as exc:
             fail(f"'{raw}' is not a valid address ({exc})")
-    with _store(ctx).engine.begin() as conn:
+    with ctx.store().engine.begin() as conn:
         added = sum(q.suppress(conn, k, reason=reason, source="cli", list_name=list_name)
                     for k in keys)
     click.echo(f"{added} added, {len(keys) - added} were already suppressed")
@@ -209,7 +203,7 @@ def suppressions_remove(ctx: Ctx, emails: tuple[str, ...]) -> None:
     from ..audience import email_key
     from ..store import queries as q
 
-    with _store(ctx).engine.begin() as conn:
+    with ctx.store().engine.begin() as conn:
         removed = sum(q.unsuppress(conn, email_key(e)) for e in emails)
     click.echo(f"{removed} removed")
     if removed == 0:
@@ -226,7 +220,7 @@ def db() -> None:
 @user_errors
 def db_upgrade(ctx: Ctx) -> None:
     """Apply migrations (also done automatically on first use)."""
-    _store(ctx)
+    ctx.store()
     click.echo("database is up to date")
 
 

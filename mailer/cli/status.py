@@ -21,10 +21,9 @@ def status(ctx: Ctx, as_json: bool) -> None:
     Exit code 0 when no campaign has a problem, 1 when one has (an invalid file, a missed fire).
     """
     from ..status import campaign_status
-    from ..store import open_store
 
     settings = ctx.settings
-    rows = campaign_status(settings, open_store(settings.database_url))
+    rows = campaign_status(settings, ctx.store())
     troubled = [row for row in rows if row["problems"]]
     if as_json:
         click.echo(json.dumps({"timezone": settings.timezone, "campaigns": rows,

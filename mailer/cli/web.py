@@ -17,12 +17,6 @@ import click
 from .base import Ctx, fail, pass_ctx, user_errors
 
 
-def _store(ctx: Ctx) -> Any:
-    from ..store import open_store
-
-    return open_store(ctx.settings.database_url)
-
-
 @click.command()
 @click.option("--host", default=None, help="address to listen on (default: web.host)")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
@@ -113,7 +107,7 @@ def subscribers_import(ctx: Ctx, file: str, list_name: str, consent_source: str 
     if consent_source is not None and (not consent_source.strip() or len(consent_source) > 500):
         fail("--consent-source must say where they agreed, in at most 500 characters")
     people = load_list(Path(file))  # validates the whole file before anything is written
-    with _store(ctx).engine.begin() as conn:
+    with ctx.store().engine.begin() as conn:
         result = subs.import_members(conn, people, list_name=list_name,
                                      consent_source=consent_source,
                                      send_confirmation=send_confirmation)
@@ -158,7 +152,7 @@ def subscribers_export(ctx: Ctx, list_name: str | None, fmt: str) -> None:
     """Print the members of the managed lists with their status."""
     from .. import subscribers as subs
 
-    with _store(ctx).engine.connect() as conn:
+    with ctx.store().engine.connect() as conn:
         rows = subs.export_members(conn, list_name=list_name)
     if fmt == "json":
         click.echo(json.dumps(rows, default=str, indent=2, ensure_ascii=False))
@@ -188,7 +182,7 @@ def subscribers_show(ctx: Ctx, email: str) -> None:
     """Everything stored about an address (right of access), as JSON."""
     from .. import subscribers as subs
 
-    with _store(ctx).engine.connect() as conn:
+    with ctx.store().engine.connect() as conn:
         data = subs.show(conn, email)
     click.echo(json.dumps(data, default=str, indent=2, ensure_ascii=False))
 
@@ -204,7 +198,7 @@ def subscribers_forget(ctx: Ctx, email: str, yes: bool) -> None:
 
     if not yes:
         click.confirm(f"Erase everything about {email}?", abort=True)
-    with _store(ctx).engine.begin() as conn:
+    with ctx.store().engine.begin() as conn:
         counts = subs.forget(conn, email=email)
     click.echo("erased: " + ", ".join(f"{n} {what}" for what, n in counts.items())
                + "; a hashed suppression keeps the address from being added again")

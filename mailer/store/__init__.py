@@ -1,6 +1,7 @@
 """The store: SQLAlchemy 2 tables, named queries and Alembic migrations."""
 
 from .db import Store, open_store
-from .tables import DeliveryStatus, RunStatus
+from .tables import FAILED_ONCE, MISSED_ONCE, ONCE, DeliveryStatus, RunStatus
 
-__all__ = ["DeliveryStatus", "RunStatus", "Store", "open_store"]
+__all__ = ["FAILED_ONCE", "MISSED_ONCE", "ONCE", "DeliveryStatus", "RunStatus", "Store",
+           "open_store"]

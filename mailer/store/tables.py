@@ -33,6 +33,14 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"  # a scheduled fire that could not start its run; the note says why
 
 
+# The occurrence of a one-off campaign's run (`mailer send` and the scheduler share it), and
+# the two the scheduler records instead when a one-off was missed or its fire failed before
+# its run existed (both leave "once" free for `mailer send`).
+ONCE = "once"
+MISSED_ONCE = "once-missed"
+FAILED_ONCE = "once-failed"
+
+
 class DeliveryStatus(enum.StrEnum):
     PENDING = "pending"
     SENDING = "sending"
