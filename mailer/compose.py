@@ -52,6 +52,7 @@ def _clean(value: str) -> str:
 _Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 _Q = ["_" if b == 32 else chr(b) if b in _Q_SAFE else f"={b:02X}" for b in range(256)]
 _WORD_ROOM = 75 - len("=?utf-8?q??=")  # an encoded word is at most 75 characters (§2)
+_Q_CHAR: dict[str, str] = {}  # a character's encoding, looked up instead of built per header
 
 
 def encoded_words(value: str, *, indent: int = 0) -> str:
@@ -61,7 +62,11 @@ def encoded_words(value: str, *, indent: int = 0) -> str:
     current = ""
     room = _WORD_ROOM - indent
     for ch in value:
-        piece = "".join(_Q[b] for b in ch.encode("utf-8"))
+        piece = _Q_CHAR.get(ch)
+        if piece is None:
+            piece = "".join(_Q[b] for b in ch.encode("utf-8"))
+            if len(_Q_CHAR) < 4096:  # the characters of names and subjects; bounded anyway
+                _Q_CHAR[ch] = piece
         if len(current) + len(piece) > room and current:
             room = _WORD_ROOM
             words.append(current)
@@ -237,6 +242,8 @@ class Composer:
         self._tails = {lang: self._attachment_tail((*rendition.attachments, *lr.calendar))
                        for lang, lr in rendition.languages.items()}
         self._dkim = _load_dkim(settings)
+        self._subject_lines: dict[str, bytes] = {}  # the languages' subjects without merge fields
+        self._date = (0, b"")  # the Date header of the current second
         self._qp = QPPieces(piece for lr in rendition.languages.values()
                             for template in (lr.html, lr.text) for piece in static_text(template))
 
@@ -282,7 +289,8 @@ class Composer:
         links = self.links(recipient, lr.lang)
         body = personalise_pieces(lr, recipient, links)
         tail = self._tails[lr.lang]
-        data = (self._headers(recipient, body, links, message_id, mixed=bool(tail))
+        data = (self._headers(recipient, body, links, message_id, mixed=bool(tail),
+                              static_subject=lr.static_subject is not None)
                 + self._body(body, lr, tail))
         if self._dkim is not None:
             data = self._dkim(data) + data
@@ -290,15 +298,20 @@ class Composer:
 
     def _headers(
         self, recipient: Recipient, body: Pieces, links: Links, message_id: str, *,
-        mixed: bool,
+        mixed: bool, static_subject: bool,
     ) -> bytes:
-        subject = f"[TEST] {body.subject}" if self.test else body.subject
+        subject_line = self._subject_lines.get(body.subject)
+        if subject_line is None:
+            subject = f"[TEST] {body.subject}" if self.test else body.subject
+            subject_line = encode_header("Subject", subject)
+            if static_subject:
+                self._subject_lines[body.subject] = subject_line
         token = links.unsubscribe.rsplit("/", 1)[1]
         mailto = f"mailto:{self.settings.unsubscribe_mailto}?subject=unsubscribe%20{token}"
         lines = [
             address_header("To", recipient.name, recipient.email),
-            encode_header("Subject", subject),
-            f"Date: {format_datetime(datetime.fromtimestamp(self.clock(), self._tz))}".encode(),
+            subject_line,
+            self._date_line(),
             f"Message-ID: {message_id}".encode(),
             # RFC 2369 §3.2, folded between the two URIs to stay under 998 octets a line.
             f"List-Unsubscribe: <{links.unsubscribe}>,\r\n <{mailto}>".encode(),
@@ -309,6 +322,14 @@ class Composer:
         else:
             ctype = f'Content-Type: multipart/alternative; boundary="{self._alt}"'
         return CRLF.join(lines) + CRLF + self._static + ctype.encode() + CRLF + CRLF
+
+    def _date_line(self) -> bytes:
+        now = self.clock()
+        second = int(now)
+        if second != self._date[0]:
+            when = format_datetime(datetime.fromtimestamp(second, self._tz))
+            self._date = (second, f"Date: {when}".encode())
+        return self._date[1]
 
     def _body(self, body: Pieces, lr: LangRendition, tail: bytes) -> bytes:
         alt = (

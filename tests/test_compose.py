@@ -258,6 +258,29 @@ def test_a_composed_message_byte_for_byte(project: Project) -> None:
     assert f"=_mix_{b}" in other and token not in other and "To: Anna <a@example.org>" in other
 
 
+@pytest.mark.parametrize("subject", ["Grüße an {{ recipient.name }}", "Grüße aus Dortmund"])
+def test_subject_and_date_are_each_messages_own(project: Project, subject: str) -> None:
+    """The Subject line of a subject without merge fields and the Date line of a second are
+    made once: a personal subject and the next second's date must still come out new."""
+    project.campaign("s.yaml", GOLDEN_CAMPAIGN.replace("Grüße an {{ recipient.name }}", subject)
+                     .replace("attachments: [files/flyer.pdf]\n", ""))
+    settings = project.settings()
+    checked = check_campaign(settings.campaigns_dir / "s.yaml", settings, with_audience=False)
+    ticks = iter([1796641200.2, 1796641200.9, 1796641201.1])
+    composer = Composer(checked.rendition, settings, tokens=Tokens(settings.secret()),
+                        clock=lambda: next(ticks), test=True)
+    people = [Recipient(f"{n.lower()}@example.org", n, "de", list="partners")
+              for n in ("Zoë", "Anna", "Ömer")]
+    heads = [email.message_from_bytes(composer.compose(r, message_id="<d@example.org>").data,
+                                      policy=email.policy.default) for r in people]
+    assert [h["Date"] for h in heads] == ["Mon, 07 Dec 2026 12:00:00 +0100"] * 2 + [
+        "Mon, 07 Dec 2026 12:00:01 +0100"]
+    expected = [f"[TEST] {subject.replace('{{ recipient.name }}', r.name)}" for r in people]
+    assert [h["Subject"] for h in heads] == expected
+    # Only a subject without merge fields is kept: personal ones would pile up.
+    assert len(composer._subject_lines) == (0 if "{" in subject else 1)
+
+
 def test_arabic_parts_go_base64_and_test_sends_say_so(project: Project) -> None:
     project.campaign("ar.yaml", "template: newsletter\naudience: {lists: [partners]}\n"
                      "content:\n  ar:\n    subject: \"مرحبا {{ recipient.name }}\"\n"
