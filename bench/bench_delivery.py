@@ -137,8 +137,11 @@ class SendRun:
 
 
 def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: float,
-                workers: str = "auto") -> SendRun:
-    env = {**os.environ, "MAILER_DISPATCH_WORKERS": workers, "MAILER_ALLOW_LOCAL_LINKS": "1",
+                workers: str = "auto", code: Path | None = None) -> SendRun:
+    """One `mailer send`; `code`: a source tree to run instead of this one (PYTHONPATH)."""
+    extra = {"PYTHONPATH": str(code)} if code is not None else {}
+    env = {**os.environ, **extra, "MAILER_DISPATCH_WORKERS": workers,
+           "MAILER_ALLOW_LOCAL_LINKS": "1",
            "MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": str(port),
            "MAILER_SMTP_POOL_SIZE": str(pool), "MAILER_SMTP_RATE_PER_SECOND": "1000000",
            "MAILER_DATABASE_URL": db_url, "MAILER_SECRET_KEY": BENCH_SECRET,
@@ -233,6 +236,9 @@ def main() -> None:
     ap.add_argument("--workers", default="1,auto",
                     help="MAILER_DISPATCH_WORKERS values to compare (the default: one process, "
                          "and one per core)")
+    ap.add_argument("--before", metavar="REV",
+                    help="also run the mailer as it was at git revision REV, interleaved with "
+                         "this tree, for a before/after ratio in the same run")
     args = ap.parse_args()
     if args.quick:
         args.n, args.reps, args.big = 500, 2, "1000,5000"
@@ -253,6 +259,14 @@ def main() -> None:
     def db(tag: str) -> str:
         return f"sqlite:///{work}/{tag}-{secrets.token_hex(3)}.db"
 
+    variants: list[tuple[str, Path | None]] = [("now", None)]
+    if args.before:
+        tree = work / "before"
+        tree.mkdir()
+        archive = subprocess.run(["git", "archive", args.before, "mailer"], check=True,
+                                 capture_output=True, timeout=60, cwd=REPO).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True, timeout=60)
+        variants.append((args.before[:10], tree))
     try:
         with smtp_sink(work) as (port, sink_log):
             # 1 + 2: rates per session count, interleaved so noise hits both alike.
@@ -261,31 +275,43 @@ def main() -> None:
                 src = smtp_source(port, s, args.n, args.reps)
                 print(f"sessions {s:2}: smtp-source {src.fmt(' msg/s', digits=0)}", flush=True)
                 for workers in args.workers.split(","):
-                    walls, sends = [], []
+                    walls: dict[str, list[float]] = {name: [] for name, _ in variants}
+                    sends: dict[str, list[float]] = {name: [] for name, _ in variants}
                     for _ in range(args.reps):
-                        before = sink_messages(sink_log)
-                        r = mailer_send(project(args.n), port=port, pool=s,
-                                        db_url=db(f"s{s}"), timeout=max(120, args.n / 20),
-                                        workers=workers)
-                        time.sleep(0.3)
-                        got = sink_messages(sink_log) - before
-                        if r.sent != args.n or got < args.n:
-                            print(f"  WARNING: mailer reported {r.sent} sent, sink counted {got}")
-                        walls.append(args.n / r.wall_s)
-                        sends.append(args.n / r.send_s)
-                    w, sd = Stats(walls), Stats(sends)
-                    rows.append((s, workers, src, w, sd))
-                    print(f"  workers {workers:>4}: whole process {w.fmt(' msg/s', digits=0)}")
-                    print(f"                 send phase    {sd.fmt(' msg/s', digits=0)}")
-                    print(f"                 RATIO whole/source {w.median / src.median:.3f}, send "
-                          f"phase/source {sd.median / src.median:.3f}  (target >= 0.5)",
-                          flush=True)
-            print(f"\n{'sessions':>8} {'workers':>7} {'smtp-source/s':>14} {'mailer/s':>9} "
-                  f"{'send phase/s':>13} {'ratio':>6} {'ratio(send)':>11}")
-            for s, workers, src, w, sd in rows:
-                print(f"{s:8} {workers:>7} {src.median:14,.0f} {w.median:9,.0f} "
+                        for name, code in variants:  # interleaved: noise hits both alike
+                            before = sink_messages(sink_log)
+                            r = mailer_send(project(args.n), port=port, pool=s,
+                                            db_url=db(f"s{s}"), timeout=max(120, args.n / 20),
+                                            workers=workers, code=code)
+                            time.sleep(0.3)
+                            got = sink_messages(sink_log) - before
+                            if r.sent != args.n or got < args.n:
+                                print(f"  WARNING: mailer reported {r.sent} sent, sink counted "
+                                      f"{got}")
+                            walls[name].append(args.n / r.wall_s)
+                            sends[name].append(args.n / r.send_s)
+                    for name, _ in variants:
+                        w, sd = Stats(walls[name]), Stats(sends[name])
+                        rows.append((s, workers, name, src, w, sd))
+                        print(f"  workers {workers:>4} {name:>10}: whole process "
+                              f"{w.fmt(' msg/s', digits=0)}")
+                        print(f"                            send phase    "
+                              f"{sd.fmt(' msg/s', digits=0)}")
+                        print(f"                            RATIO whole/source "
+                              f"{w.median / src.median:.3f}, send phase/source "
+                              f"{sd.median / src.median:.3f}  (target >= 0.5)", flush=True)
+            print(f"\n{'sessions':>8} {'workers':>7} {'code':>10} {'smtp-source/s':>14} "
+                  f"{'mailer/s':>9} {'send phase/s':>13} {'ratio':>6} {'ratio(send)':>11}")
+            for s, workers, name, src, w, sd in rows:
+                print(f"{s:8} {workers:>7} {name:>10} {src.median:14,.0f} {w.median:9,.0f} "
                       f"{sd.median:13,.0f} {w.median / src.median:6.3f} "
                       f"{sd.median / src.median:11.3f}")
+            if len(variants) > 1:
+                now = {(s, wk): w.median for s, wk, name, _, w, _ in rows if name == "now"}
+                for s, wk, name, _, w, _ in rows:
+                    if name != "now":
+                        print(f"RATIO now / {name} at {s} sessions, workers {wk}: "
+                              f"{now[(s, wk)] / w.median:.2f}x (whole process)")
             print(f"# {loadavg()}", flush=True)
 
             # 3: peak RSS and ledger cost.
