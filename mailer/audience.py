@@ -279,20 +279,28 @@ class _YamlList:
         return self._lines[place]
 
 
+class ManagedList(Protocol):
+    """A list kept in the store (subscribers.StoredList): its members in order, each with an
+    id, read as a stream; and the key of one member, asked for again by its id."""
+
+    def members(self) -> Iterator[tuple[int, Recipient]]: ...
+    def key_of(self, member_id: int) -> str: ...
+
+
 class _Members:
-    """A managed list's confirmed members (already in memory, from the store)."""
+    """A managed list's confirmed members; a row's place is the member's id."""
 
     path: Path | None = None
 
-    def __init__(self, members: list[Recipient]) -> None:
-        self._members = members
+    def __init__(self, source: ManagedList) -> None:
+        self._source = source
 
     def rows(self) -> Iterator[tuple[int, int, Recipient]]:
-        for i, recipient in enumerate(self._members):
-            yield 0, i, recipient
+        for member_id, recipient in self._source.members():
+            yield 0, member_id, recipient
 
     def key_at(self, place: int) -> str:
-        return self._members[place].key
+        return self._source.key_of(place)
 
     def line_at(self, place: int) -> int:
         return 0
@@ -356,7 +364,7 @@ def resolve(
     settings: Settings,
     *,
     is_suppressed: Callable[[str, str], bool] = lambda key, list_name: False,
-    managed: Callable[[str], list[Recipient]] | None = None,
+    managed: Callable[[str], ManagedList] | None = None,
     languages: list[str] | None = None,
 ) -> list[Recipient]:
     """Recipients of the lists in order, first occurrence wins, suppressed ones dropped."""
@@ -369,7 +377,7 @@ def iter_audience(
     settings: Settings,
     *,
     is_suppressed: Callable[[str, str], bool] = lambda key, list_name: False,
-    managed: Callable[[str], list[Recipient]] | None = None,
+    managed: Callable[[str], ManagedList] | None = None,
     languages: list[str] | None = None,
 ) -> Iterator[Recipient]:
     """`resolve` as a stream: memory stays flat however long the lists are."""

@@ -43,16 +43,14 @@ def audience(checked: Checked, settings: Settings, store: Store) -> Iterator[Rec
     campaign = checked.campaign
     with store.engine.connect() as conn:
         suppressed = q.suppressed_keys(conn)
-        managed = {name: subscribers.members(conn, name) for name in campaign.audience.lists
-                   if subscribers.is_managed(settings, name)}
     erased = any(key.startswith(q.HASH_PREFIX) for key in suppressed)
 
     def is_suppressed(key: str, list_name: str) -> bool:
         return q.is_suppressed(suppressed, key, list_name, erased=erased)
 
     return iter_audience(campaign.audience.lists, settings, is_suppressed=is_suppressed,
-                   managed=lambda name: managed.get(name, []),
-                   languages=campaign.audience.languages)
+                         managed=lambda name: subscribers.StoredList(store, name),
+                         languages=campaign.audience.languages)
 
 
 @dataclass

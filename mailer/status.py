@@ -64,10 +64,10 @@ def _audience(checked: Checked, settings: Settings, store: Store) -> dict[str, i
     """Who would get it now (duplicates once, suppressed addresses left out), and from where:
     the list files (as `mailer validate` counts them) and the managed lists' subscribers."""
     from .sending import audience
-    from .subscribers import is_managed, members
+    from .subscribers import is_managed, member_count
 
     with store.engine.connect() as conn:
-        subscribers = sum(len(members(conn, name)) for name in checked.campaign.audience.lists
+        subscribers = sum(member_count(conn, name) for name in checked.campaign.audience.lists
                           if is_managed(settings, name))
     return {"recipients": sum(1 for _ in audience(checked, settings, store)),
             "from_list_files": len(checked.recipients), "subscribers": subscribers}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,6 +25,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, or_, select, upda
 from .audience import NAME_MAX, Recipient, email_key
 from .config import Settings
 from .redact import redact_addresses
+from .store import Store
 from .store import queries as q
 from .store.queries import HASH_PREFIX, hashed_key
 from .store.subscriber_tables import (
@@ -36,6 +37,8 @@ from .store.subscriber_tables import (
     subscribers,
 )
 from .store.tables import DeliveryStatus, deliveries, runs, suppressions
+
+MEMBER_CHUNK = 1000  # rows a managed list is read in (server-side cursor on PostgreSQL)
 
 ADDRESS_MAX = 254  # RFC 5321 §4.5.3.1.3: a forward-path holds at most 256 octets incl. <>
 CONFIRM_MAILS_PER_DAY = 3  # per address: no subscription bombing of a third party's inbox
@@ -312,14 +315,46 @@ def set_preferences(conn: Connection, settings: Settings, *, email: str, languag
 
 def members(conn: Connection, list_name: str) -> list[Recipient]:
     """Confirmed, subscribed members of a managed list, in the order they joined."""
+    return [recipient for _, recipient in iter_members(conn, list_name)]
+
+
+def iter_members(conn: Connection, list_name: str) -> Iterator[tuple[int, Recipient]]:
+    """`members` as a stream, a chunk of rows at a time, each with its subscriber id."""
     s, m = subscribers, memberships
-    rows = conn.execute(
-        select(s.c.email, s.c.name, s.c.language)
+    rows = conn.execution_options(yield_per=MEMBER_CHUNK).execute(
+        select(s.c.id, s.c.email, s.c.name, s.c.language)
         .join(m, m.c.subscriber_id == s.c.id)
         .where(m.c.list_name == list_name, m.c.status == MemberStatus.SUBSCRIBED)
         .order_by(s.c.id)
     )
-    return [Recipient(email=e, name=n, language=lang, list=list_name) for e, n, lang in rows]
+    for sid, e, n, lang in rows:
+        yield sid, Recipient(email=e, name=n, language=lang, list=list_name)
+
+
+def member_count(conn: Connection, list_name: str) -> int:
+    m = memberships
+    return int(conn.execute(select(func.count()).select_from(m).where(
+        m.c.list_name == list_name, m.c.status == MemberStatus.SUBSCRIBED)).scalar_one())
+
+
+@dataclass(frozen=True)
+class StoredList:
+    """A managed list as an audience source: read from the store when the audience reaches
+    it, a chunk at a time, so no list is held whole (audience.ManagedList)."""
+
+    store: Store
+    name: str
+
+    def members(self) -> Iterator[tuple[int, Recipient]]:
+        with self.store.engine.connect() as conn:
+            yield from iter_members(conn, self.name)
+
+    def key_of(self, member_id: int) -> str:
+        """Rare: an address whose digest was seen before is compared by its key."""
+        with self.store.engine.connect() as conn:
+            key = conn.execute(select(subscribers.c.email_key)
+                               .where(subscribers.c.id == member_id)).scalar()
+        return key or ""
 
 
 def erased_keys(conn: Connection) -> set[str]:

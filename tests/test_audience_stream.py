@@ -28,7 +28,7 @@ from mailer.errors import ListError
 from mailer.seen import Seen, digest
 from mailer.sending import test_send as send_test_mails
 from mailer.yamlsrc import Budget, iter_entries, load_yaml
-from tests.conftest import CROWD_CAMPAIGN, Project
+from tests.conftest import CROWD_CAMPAIGN, Project, both_databases
 from tests.helpers import run_mailer
 
 NOTE = "Nachbarschaft in der Nordstadt. " * 28  # ~900 characters, twice a row
@@ -294,3 +294,43 @@ def test_a_test_send_to_a_listed_address_uses_its_row(project: Project) -> None:
         str(email.message_from_bytes(p.read_bytes(), policy=email.policy.default)["Subject"])
         for p in (settings.outbox_dir / "new").iterdir())
     assert subjects == ["[TEST] Hallo Erika Mustermann", "[TEST] Hallo Person 250"]
+
+
+# --- managed lists: read from the store as a stream -----------------------------------------
+
+
+@both_databases
+def test_a_managed_list_streams_from_the_store_and_its_duplicates_are_exact(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The members come in chunks (here of 2), each with its id as its place; an address a
+    file list had first is dropped, whatever the digests, by reading its key back."""
+    from mailer import subscribers as subs
+    from mailer.audience import Recipient, _Members
+    from mailer.store import open_store
+
+    monkeypatch.setattr(subs, "MEMBER_CHUNK", 2)
+    store = open_store(project.settings().database_url)
+    people = [Recipient(f"m{i}@example.org", f"M {i}", "de") for i in range(5)]
+    with store.engine.begin() as conn:
+        subs.import_members(conn, [*people, Recipient("A@example.org", "Anna", "tr")],
+                            list_name="newsletter", consent_source="Anmeldeliste 2026",
+                            send_confirmation=False)
+    project.list_file("one.csv", "email,name\na@example.org,A\nm3@example.org,M\n")
+    stored = subs.StoredList(store, "newsletter")
+    with store.engine.connect() as conn:
+        ids = [i for i, _ in subs.iter_members(conn, "newsletter")]
+    assert ids == sorted(ids) and len(ids) == 6
+    assert stored.key_of(ids[5]) == "a@example.org" and stored.key_of(max(ids) + 1) == ""
+    for key_digest in (digest, collide):
+        got = [(name, r.email) for name, r in _unique(
+            [*sources(project, "one"), ("newsletter", _Members(stored))],
+            key_digest=key_digest)]  # type: ignore[arg-type]
+        assert got == [("one", "a@example.org"), ("one", "m3@example.org")] + [
+            ("newsletter", f"m{i}@example.org") for i in (0, 1, 2, 4)]
+        # The other way round the file's rows are the repeats: the member's key is read back.
+        project.list_file("two.csv", "email\nm2@example.org\nb@example.org\nA@example.org\n")
+        got = [(name, r.email) for name, r in _unique(
+            [("newsletter", _Members(stored)), *sources(project, "two")],
+            key_digest=key_digest)]  # type: ignore[arg-type]
+        assert got == [("newsletter", r.email) for r in people] + [
+            ("newsletter", "A@example.org"), ("two", "b@example.org")]
