@@ -40,19 +40,28 @@ class Seen:
     def add(self, key_digest: int, place: int) -> list[int]:
         """Record a row; return the places of the earlier rows with the same digest (almost
         always none: then the key is new for certain)."""
-        slots, digests, mask = self._slots, self._digests, self._mask
-        i = key_digest & mask
-        earlier = []
-        while (j := slots[i]) != EMPTY:
-            if digests[j - 1] == key_digest:
-                earlier.append(self._places[j - 1])
-            i = (i + 1) & mask
-        digests.append(key_digest)
+        earlier, free = self._probe(key_digest)
+        self._digests.append(key_digest)
         self._places.append(place)
-        slots[i] = len(digests)
-        if 2 * len(digests) > len(slots):
+        self._slots[free] = len(self._digests)
+        if 2 * len(self._digests) > len(self._slots):
             self._grow()
         return earlier
+
+    def places(self, key_digest: int) -> list[int]:
+        """The places recorded with this digest (none: no row had that key, for certain)."""
+        return self._probe(key_digest)[0]
+
+    def _probe(self, key_digest: int) -> tuple[list[int], int]:
+        """The places under this digest, and the free slot where the chain ends."""
+        slots, digests, mask = self._slots, self._digests, self._mask
+        i = key_digest & mask
+        found = []
+        while (j := slots[i]) != EMPTY:
+            if digests[j - 1] == key_digest:
+                found.append(self._places[j - 1])
+            i = (i + 1) & mask
+        return found, i
 
     def _grow(self) -> None:
         slots = array("I", [EMPTY]) * (2 * len(self._slots))

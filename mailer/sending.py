@@ -18,6 +18,7 @@ from .config import Settings
 from .dispatch import RunResult, deliver_run, start_run, stop_on_signals
 from .errors import UserError
 from .relay import open_transport
+from .seen import digest
 from .store import ONCE, RunStatus, Store
 from .store import queries as q
 from .tokens import Tokens
@@ -42,11 +43,16 @@ def audience(checked: Checked, settings: Settings, store: Store) -> Iterator[Rec
 
     campaign = checked.campaign
     with store.engine.connect() as conn:
-        suppressed = q.suppressed_keys(conn)
-    erased = any(key.startswith(q.HASH_PREFIX) for key in suppressed)
+        digests, erased = q.suppression_digests(conn)
 
     def is_suppressed(key: str, list_name: str) -> bool:
-        return q.is_suppressed(suppressed, key, list_name, erased=erased)
+        # No digest: certainly not suppressed. Only a suppressed address (or, once in 2^64,
+        # a namesake digest) costs a query. Without erased entries no address is hashed.
+        keys = (key, q.hashed_key(key)) if erased else (key,)
+        if not any(digests.places(digest(k)) for k in keys):
+            return False
+        with store.engine.connect() as conn:
+            return bool(q.suppressed_among(conn, [(key, list_name)]))
 
     return iter_audience(campaign.audience.lists, settings, is_suppressed=is_suppressed,
                          managed=lambda name: subscribers.StoredList(store, name),

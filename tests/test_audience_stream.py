@@ -124,7 +124,10 @@ def test_the_digest_table_returns_every_earlier_place_of_a_digest() -> None:
         d = rng.choice(choices)
         assert seen.add(d, place) == places[d]
         places[d].append(place)
+        assert seen.places(d) == places[d]  # a lookup adds nothing
     assert len(seen) == 5000
+    assert all(seen.places(d) == places[d] for d in choices)
+    assert seen.places(choices[0] ^ 1 << 62) == []
 
 
 def test_columns_read_the_header_alone(project: Project) -> None:
@@ -334,3 +337,33 @@ def test_a_managed_list_streams_from_the_store_and_its_duplicates_are_exact(
             key_digest=key_digest)]  # type: ignore[arg-type]
         assert got == [("newsletter", r.email) for r in people] + [
             ("newsletter", "A@example.org"), ("two", "b@example.org")]
+
+
+@both_databases
+@pytest.mark.parametrize("key_digest", ["blake2b", "collide"])
+def test_suppressions_are_kept_as_digests_and_each_hit_is_confirmed_by_the_store(
+        project: Project, monkeypatch: pytest.MonkeyPatch, key_digest: str) -> None:
+    """The audience filter holds a digest per suppression, not the list: a digest that is
+    there is confirmed by a query, so a namesake digest drops nobody (`collide`: all share
+    one), and an erased address is found by its hash."""
+    from mailer import sending
+    from mailer.store import open_store
+    from mailer.store import queries as q
+
+    if key_digest == "collide":
+        monkeypatch.setattr(sending, "digest", collide)  # the lookup
+        monkeypatch.setattr(q, "digest", collide)  # the table
+    addresses = project.crowd(6)
+    settings = project.settings()
+    store = open_store(settings.database_url)
+    with store.engine.begin() as conn:
+        q.suppress(conn, addresses[0], reason="unsubscribed", list_name="crowd")
+        q.suppress(conn, addresses[1], reason="unsubscribed", list_name="other")
+        q.suppress(conn, addresses[2], reason="hard_bounce")
+        q.suppress(conn, q.hashed_key(addresses[3]), reason="erased")
+        digests, erased = q.suppression_digests(conn)
+    assert len(digests) == 4 and erased
+    checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings,
+                             with_audience=False)
+    got = [r.email for r in sending.audience(checked, settings, store)]
+    assert got == [addresses[1], addresses[4], addresses[5]]

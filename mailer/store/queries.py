@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
+from ..seen import Seen, digest
 from .tables import (
     DeliveryStatus,
     ReturnedKind,
@@ -463,21 +464,21 @@ def unsuppress(conn: Connection, email_key: str, *, list_name: str | None = None
     return int(conn.execute(s.delete().where(cond)).rowcount)
 
 
-def suppressed_keys(conn: Connection) -> dict[str, set[str]]:
-    """email_key → the lists it is suppressed on ("*" = all)."""
-    out: dict[str, set[str]] = {}
-    for key, list_name in conn.execute(select(suppressions.c.email_key, suppressions.c.list_name)):
-        out.setdefault(key, set()).add(list_name)
-    return out
+def suppression_digests(conn: Connection) -> tuple[Seen, bool]:
+    """A digest of every suppressed key (seen.py: about 25 bytes a row, however long the
+    suppression list), and whether any key is an erased address's hash."""
+    table, erased = Seen(), False
+    rows = conn.execution_options(yield_per=5000).execute(select(suppressions.c.email_key))
+    for (key,) in rows:
+        table.add(digest(key), 0)
+        erased = erased or key.startswith(HASH_PREFIX)
+    return table, erased
 
 
-def is_suppressed(suppressed: Mapping[str, Collection[str]], key: str, list_name: str, *,
-                  erased: bool = True) -> bool:
+def is_suppressed(suppressed: Mapping[str, Collection[str]], key: str, list_name: str) -> bool:
     """Is the address `key` suppressed for `list_name`, given {email_key: its lists ("*" =
-    all)}: by its own key, or - once erased, when only its hash is kept - by its hash.
-    `erased=False` says no key is a hash, which saves hashing every address of a list."""
-    keys = (key, hashed_key(key)) if erased else (key,)
-    for k in keys:
+    all)}: by its own key, or - once erased, when only its hash is kept - by its hash."""
+    for k in (key, hashed_key(key)):
         lists = suppressed.get(k)
         if lists and (GLOBAL in lists or list_name in lists):
             return True
