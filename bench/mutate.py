@@ -11,8 +11,8 @@ Too slow for CI (minutes to an hour per module on 2 cores); run it on demand:
                                                      # only the survivors run again
 
 Each module is mutated in its own scratch copy of the working tree (tracked and untracked,
-not ignored files), with a `[tool.mutmut]` block that mutates that one file and selects the
-tests that exercise it; mutmut then runs, per mutant, only the tests that reach the mutated
+not ignored files), with a `[tool.mutmut]` block that mutates its files and selects the
+tests that exercise them; mutmut then runs, per mutant, only the tests that reach the mutated
 function. Tests that start `mailer` as a subprocess import the unmutated package, so what they
 alone would kill counts as surviving here: the score is a lower bound.
 """
@@ -32,34 +32,40 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# module name -> (file, the tests that exercise it)
-CORE: dict[str, tuple[str, list[str]]] = {
-    "dispatch": ("mailer/dispatch.py", ["tests/test_dispatch.py"]),
-    "transport": ("mailer/transport.py", ["tests/test_transport.py"]),
-    "compose": ("mailer/compose.py", ["tests/test_compose.py", "tests/test_calendar.py",
-                                      "tests/test_trust_privacy.py"]),
+# module name -> (its files, the tests that exercise them)
+CORE: dict[str, tuple[list[str], list[str]]] = {
+    "dispatch": (["mailer/dispatch.py"], ["tests/test_dispatch.py"]),
+    "transport": (["mailer/transport.py"], ["tests/test_transport.py"]),
+    "compose": (["mailer/compose.py"], ["tests/test_compose.py", "tests/test_calendar.py",
+                                        "tests/test_trust_privacy.py"]),
     # Only the tests that pin the module's own promises: a scheduler test reaching a trigger
     # costs seconds per mutant and kills nothing test_triggers does not.
-    "triggers": ("mailer/triggers.py", ["tests/test_triggers.py"]),
+    "triggers": (["mailer/triggers.py"], ["tests/test_triggers.py"]),
     # The decisions (SCOPE below), pinned directly; the Runner's wiring is test_scheduler's.
-    "scheduler": ("mailer/scheduler.py", ["tests/test_scheduler_decisions.py"]),
-    "web-security": ("mailer/web/security.py", ["tests/test_web_security.py",
-                                                "tests/test_web.py"]),
-    "queries": ("mailer/store/queries.py", ["tests/test_queries.py", "tests/test_store.py"]),
-    "tokens": ("mailer/tokens.py", ["tests/test_trust_privacy.py", "tests/test_web.py"]),
-    "yamlsrc": ("mailer/yamlsrc.py", ["tests/test_yaml_budget.py", "tests/test_campaign.py"]),
+    "scheduler": (["mailer/scheduler.py", "mailer/jobs.py", "mailer/leader.py",
+                   "mailer/schedule_view.py", "mailer/logs.py"],
+                  ["tests/test_scheduler_decisions.py"]),
+    "web-security": (["mailer/web/security.py"], ["tests/test_web_security.py",
+                                                  "tests/test_web.py"]),
+    "queries": (["mailer/store/queries.py"], ["tests/test_queries.py", "tests/test_store.py"]),
+    "tokens": (["mailer/tokens.py"], ["tests/test_trust_privacy.py", "tests/test_web.py"]),
+    "yamlsrc": (["mailer/yamlsrc.py"], ["tests/test_yaml_budget.py", "tests/test_campaign.py"]),
 }
 
-# module name -> the functions mutated (mutmut mutant-name globs); absent: the whole file.
+# module name -> the functions mutated (mutmut mutant-name globs); absent: the whole files.
 SCOPE: dict[str, list[str]] = {
-    "scheduler": [f"mailer.scheduler.{name}__mutmut_*" for name in (
-        "x_log_event", "x_trigger_for", "x_fingerprint", "x_next_fire", "x_is_fire_time",
-        "x_occurrence_of", "x_decide", "xǁFileLeaderǁtry_acquire", "xǁFileLeaderǁheld",
-        "xǁFileLeaderǁrelease", "xǁPostgresLeaderǁtry_acquire", "xǁPostgresLeaderǁheld",
-        "xǁPostgresLeaderǁrelease", "xǁPostgresLeaderǁ_drop", "x_leader_for", "x_one_off_done",
-        "x_note_run", "x_failed_fires", "x_failure_reason", "xǁRunnerǁlost_fires",
-        "xǁRunnerǁ_record_failure", "x_schedule_overview", "x_file_problem", "x__overview_row",
-        "x_no_next_fire", "x_kept_jobs", "x__local", "x__utc", "x__describe")],
+    "scheduler": [f"mailer.{module}.{name}__mutmut_*" for module, names in (
+        ("logs", ["x_log_event"]),
+        ("jobs", ["x_trigger_for", "x_fingerprint", "x_next_fire", "x_is_fire_time",
+                  "x_occurrence_of", "x_decide", "x_one_off_done", "xǁCampaignJobsǁlost_fires",
+                  "x_kept_jobs", "x_file_problem", "x__local", "x__utc", "x__describe"]),
+        ("leader", ["xǁFileLeaderǁtry_acquire", "xǁFileLeaderǁheld", "xǁFileLeaderǁrelease",
+                    "xǁPostgresLeaderǁtry_acquire", "xǁPostgresLeaderǁheld",
+                    "xǁPostgresLeaderǁrelease", "xǁPostgresLeaderǁ_drop", "x_leader_for"]),
+        ("scheduler", ["x_note_run", "x_failed_fires", "x_failure_reason",
+                       "xǁRunnerǁ_record_failure"]),
+        ("schedule_view", ["x_schedule_overview", "x__overview_row", "x_no_next_fire"]),
+    ) for name in names],
 }
 
 
@@ -76,12 +82,12 @@ def scratch_copy(target: Path) -> None:
         shutil.copy2(REPO / name, dest)
 
 
-def mutmut_block(source: str, tests: list[str]) -> str:
+def mutmut_block(sources: list[str], tests: list[str]) -> str:
     existing = [t for t in tests if (REPO / t).exists()]
     return (
         "\n[tool.mutmut]\n"
         'source_paths = ["mailer/"]\n'
-        f"only_mutate = {json.dumps([source])}\n"
+        f"only_mutate = {json.dumps(sources)}\n"
         'also_copy = ["templates/", "lists/", "campaigns/", "config.yaml", "bench/"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(existing)}\n"
         'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]\n'
@@ -91,12 +97,12 @@ def mutmut_block(source: str, tests: list[str]) -> str:
 
 
 def run_module(name: str, *, children: int, show: bool, keep: bool) -> dict[str, object]:
-    source, tests = CORE[name]
+    sources, tests = CORE[name]
     work = Path(tempfile.mkdtemp(prefix=f"mutate-{name}-"))
     try:
         scratch_copy(work)
         with (work / "pyproject.toml").open("a", encoding="utf-8") as fh:
-            fh.write(mutmut_block(source, tests))
+            fh.write(mutmut_block(sources, tests))
         return mutmut_run(name, work, SCOPE.get(name, []), children=children, show=show)
     finally:
         if keep:
@@ -110,9 +116,9 @@ def recheck(work: Path, *, children: int, show: bool) -> dict[str, object]:
     name = next((n for n in CORE if work.name.startswith(f"mutate-{n}-")), None)
     if name is None:
         raise SystemExit(f"{work} is not a copy kept by this script (mutate-MODULE-…)")
-    source = CORE[name][0]
-    if (work / source).read_bytes() != (REPO / source).read_bytes():
-        raise SystemExit(f"{source} changed since {work} was made: run the module again")
+    for source in CORE[name][0]:
+        if (work / source).read_bytes() != (REPO / source).read_bytes():
+            raise SystemExit(f"{source} changed since {work} was made: run the module again")
     for test in sorted((REPO / "tests").rglob("*.py")):
         for base in (work, work / "mutants"):
             dest = base / test.relative_to(REPO)
@@ -164,12 +170,13 @@ def scoped_stats(work: Path, name: str) -> dict[str, int]:
     """Counts by mutmut's own status names over the module's mutants in scope that ran."""
     from mutmut.stats import status_by_exit_code
 
-    meta = json.loads((work / "mutants" / f"{CORE[name][0]}.meta").read_text())
     counts: dict[str, int] = {}
-    for key, code in meta["exit_code_by_key"].items():
-        if code is not None and in_scope(name, key):
-            status = status_by_exit_code[code].replace(" ", "_")
-            counts[status] = counts.get(status, 0) + 1
+    for source in CORE[name][0]:
+        meta = json.loads((work / "mutants" / f"{source}.meta").read_text())
+        for key, code in meta["exit_code_by_key"].items():
+            if code is not None and in_scope(name, key):
+                status = status_by_exit_code[code].replace(" ", "_")
+                counts[status] = counts.get(status, 0) + 1
     return counts
 
 

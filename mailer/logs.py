@@ -40,6 +40,20 @@ def fields_of(message: str) -> dict[str, str]:
             for key, value in _ONE.findall(message)}
 
 
+def log_event(event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """One line of the scheduler (scheduler.py, jobs.py, leader.py), as `fields_of` reads it:
+    event=… campaign=… run=… and counts; never addresses."""
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            value = f"{value:.3f}"
+        value = str(value)
+        parts.append(f'{key}="{value}"' if (" " in value or not value) else f"{key}={value}")
+    logging.getLogger("mailer.scheduler").log(level, " ".join(parts))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()

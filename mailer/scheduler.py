@@ -1,8 +1,10 @@
-"""APScheduler wiring: triggers from campaigns, persistent job store, leader lock, the fire.
+"""`mailer run`: the worker loop (`Runner`, `serve`) and the job function `fire`.
 
 `mailer run` keeps one APScheduler 3 `AsyncIOScheduler` in the event loop that also runs
 dispatch. Jobs live in a `SQLAlchemyJobStore` (table `scheduler_jobs`) in the ledger's database,
-one job per campaign id; the job function is `fire(campaign_id, config_path)`.
+one job per campaign id; the job function is `fire(campaign_id, config_path)`. Who leads is
+leader.py's; the triggers, the decisions and the job set are jobs.py's (`CampaignJobs`, which
+the runner owns); `mailer schedule` is schedule_view.py's.
 
 Where we lean on APScheduler and where we do not (APScheduler 3.11 behaviour, checked in its
 source):
@@ -57,53 +59,43 @@ every check is ever sent. A fire that uses it says so (`event=fire-last-good`, W
 file is broken has the job but no good version: its fires are skipped with a warning until the
 file is fixed (a one-off then fires late within `misfire_grace_s`, or is recorded as missed).
 
-One scheduler per database: a PostgreSQL session advisory lock on a dedicated connection, or an
-exclusive `flock` on `<var>/scheduler.lock` for SQLite. The follower polls and takes over.
+One scheduler per database: the one that holds the lock leads (leader.py); the others send
+beside it, poll and take over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from apscheduler.executors.asyncio import AsyncIOExecutor
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.date import DateTrigger
-from sqlalchemy import Connection, Engine, text, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, update
 
 from . import heartbeat
-from .campaign import Campaign, campaign_files, resolve_local
-from .checks import Checked, check_campaign
+from .campaign import Campaign
+from .checks import Checked
 from .config import Settings, load_settings
 from .errors import MailerError, UserError
 from .files import private_dir
+from .jobs import CampaignJobs, Decision, _utc, decide, is_fire_time, one_off_done
+from .leader import Leadership, leader_for
+from .logs import log_event
 from .redact import redact_addresses
 from .store import FAILED_ONCE, MISSED_ONCE, ONCE, RunStatus, Store, open_store
 from .store import queries as q
 from .store.tables import runs
-from .triggers import cron_trigger
 
 log = logging.getLogger("mailer.scheduler")
 
-JOB_TABLE = "scheduler_jobs"
 FIRE_FAILED = "fire failed"  # how the note of a run whose delivery a failure cut off begins
 TRIGGER = "scheduler"
 
-LOCK_KEYS = (0x494D4147, 1)  # pg_try_advisory_lock(int, int): "IMAG", scheduler
-MAX_INSTANCES = 1000  # different occurrences of one campaign may overlap; each is its own run
 STOP_GRACE_S = 10.0  # on SIGTERM, in-flight transactions get smtp.timeout_s plus this
 
 Clock = Callable[[], datetime]
@@ -112,226 +104,7 @@ Clock = Callable[[], datetime]
 utcnow = q.utcnow  # one clock for the ledger and the scheduler
 
 
-def log_event(event: str, *, level: int = logging.INFO, **fields: Any) -> None:
-    """One structured line: event=… campaign=… run=… and counts; never addresses."""
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        if value is None:
-            continue
-        if isinstance(value, float):
-            value = f"{value:.3f}"
-        value = str(value)
-        parts.append(f'{key}="{value}"' if (" " in value or not value) else f"{key}={value}")
-    log.log(level, " ".join(parts))
-
-
-# --- triggers ---------------------------------------------------------------------------------
-
-
-def trigger_for(campaign: Campaign, settings: Settings) -> BaseTrigger:
-    schedule = campaign.schedule
-    if schedule is None:
-        raise ValueError(f"campaign '{campaign.id}' has no schedule")
-    if schedule.cron is not None:
-        return cron_trigger(schedule.cron, settings.tz)
-    assert schedule.at is not None  # the model requires exactly one of at / cron
-    return DateTrigger(run_date=resolve_local(schedule.at, settings), timezone=settings.tz)
-
-
-def fingerprint(campaign: Campaign, settings: Settings, path: Path) -> str:
-    """What a job stands for; the job is rescheduled only when this changes."""
-    schedule = campaign.schedule
-    assert schedule is not None
-    what = f"cron {schedule.cron}" if schedule.cron is not None else f"at {schedule.at}"
-    return f"{path.name}|{what}|{settings.timezone}"
-
-
-def next_fire(campaign: Campaign, settings: Settings, now: datetime) -> datetime | None:
-    """The next time this campaign's schedule fires after `now` (for `mailer schedule`)."""
-    trigger = trigger_for(campaign, settings)
-    when = trigger.get_next_fire_time(None, now.astimezone(settings.tz))
-    if when is not None and when.astimezone(UTC) < now.astimezone(UTC):
-        return None  # a DateTrigger in the past
-    return when
-
-
-def is_fire_time(campaign: Campaign, settings: Settings, when: datetime) -> bool:
-    """Does the campaign's current schedule (still) fire at `when`? Catches edits not yet synced."""
-    if campaign.schedule is None:
-        return False
-    trigger = trigger_for(campaign, settings)
-    probe = when.astimezone(UTC) - timedelta(microseconds=1)  # wall clock: DST nights skew it
-    if isinstance(trigger, DateTrigger):
-        return trigger.run_date.astimezone(UTC) == when.astimezone(UTC)
-    nxt = trigger.get_next_fire_time(None, probe)
-    return nxt is not None and nxt.astimezone(UTC) == when.astimezone(UTC)
-
-
-def occurrence_of(campaign: Campaign, fire_time: datetime) -> str:
-    schedule = campaign.schedule
-    if schedule is not None and schedule.cron is not None:
-        return fire_time.astimezone(UTC).isoformat()
-    return ONCE
-
-
-# --- deciding what a fire does ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    occurrence: str
-    scheduled_at: datetime
-    late_s: float
-    send: bool
-    note: str | None = None
-
-
-def decide(campaign: Campaign, run_times: Sequence[datetime], *, now: datetime, grace_s: float,
-           zone: tzinfo) -> Decision:
-    """The latest fire time stands for all; within grace it is sent late, beyond it missed."""
-    ordered = sorted(run_times, key=lambda d: d.astimezone(UTC))
-    scheduled = ordered[-1].astimezone(UTC)
-    late_s = max(0.0, (now - scheduled).total_seconds())
-    occurrence = occurrence_of(campaign, scheduled)
-    coalesced = ""
-    if len(ordered) > 1:
-        first = ordered[0].astimezone(zone)
-        coalesced = (f"{len(ordered) - 1} earlier occurrences since {first:%Y-%m-%d %H:%M %Z} "
-                     "were coalesced into this one")
-    if late_s <= grace_s:
-        return Decision(occurrence, scheduled, late_s, True, coalesced or None)
-    local = scheduled.astimezone(zone)
-    note = (f"missed: the scheduler was not running at {local:%Y-%m-%d %H:%M %Z} "
-            f"({timedelta(seconds=round(late_s))} late, beyond misfire_grace_s={grace_s:g}); "
-            f"not sent - send it with: mailer send {campaign.id}")
-    if coalesced:
-        note = f"{note}; {coalesced}"
-    return Decision(MISSED_ONCE if occurrence == ONCE else occurrence, scheduled, late_s, False,
-                    note)
-
-
-# --- leader election --------------------------------------------------------------------------
-
-
-class Leadership(Protocol):
-    def try_acquire(self) -> bool: ...
-    def held(self) -> bool: ...
-    def release(self) -> None: ...
-
-
-class FileLeader:
-    """SQLite: an exclusive flock; the kernel drops it when the process dies, even on kill -9."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def try_acquire(self) -> bool:
-        if self._fd is not None:
-            return True
-        private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return True
-
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-class PostgresLeader:
-    """PostgreSQL: a session advisory lock on a connection held for as long as we lead.
-
-    The server releases it when that session ends, so a killed leader frees it at once.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._conn: Connection | None = None
-
-    def try_acquire(self) -> bool:
-        if self._conn is not None:
-            return self.held()
-        try:
-            conn = self.engine.connect()
-        except DBAPIError as exc:  # the database is down or restarting: stand by, try again
-            log_event("leader-acquire-failed", level=logging.WARNING, error=type(exc).__name__)
-            return False
-        try:
-            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"),
-                                    {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]}).scalar())
-            conn.commit()  # the lock is session-level; do not sit idle in a transaction
-        except DBAPIError as exc:
-            log_event("leader-acquire-failed", level=logging.WARNING, error=type(exc).__name__)
-            with contextlib.suppress(Exception):
-                conn.close()
-            return False
-        if not got:
-            conn.close()
-            return False
-        self._conn = conn
-        return True
-
-    def held(self) -> bool:
-        if self._conn is None:
-            return False
-        try:
-            count = self._conn.execute(text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND pid = pg_backend_pid() AND classid = :a AND objid = :b AND objsubid = 2"),
-                {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]}).scalar()
-            self._conn.commit()
-        except Exception as exc:  # the session is gone, and the lock with it
-            log_event("leader-check-failed", level=logging.WARNING, error=type(exc).__name__)
-            self._drop()
-            return False
-        if not count:
-            self._drop()
-        return bool(count)
-
-    def release(self) -> None:
-        if self._conn is None:
-            return
-        with contextlib.suppress(Exception):
-            self._conn.execute(text("SELECT pg_advisory_unlock(:a, :b)"),
-                               {"a": LOCK_KEYS[0], "b": LOCK_KEYS[1]})
-            self._conn.commit()
-        self._drop()
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-
-
-def leader_for(store: Store, settings: Settings) -> Leadership:
-    if store.is_postgres:
-        return PostgresLeader(store.engine)
-    return FileLeader(settings.var_dir / "scheduler.lock")
-
-
 # --- named queries (scheduler only) -----------------------------------------------------------
-
-
-def one_off_done(conn: Connection, campaign_id: str) -> q.Run | None:
-    """The run that settled a one-off campaign: sent (or being sent), recorded missed or failed."""
-    for occurrence in (ONCE, MISSED_ONCE, FAILED_ONCE):
-        if (run := q.find_run(conn, campaign_id, occurrence)) is not None:
-            return run
-    return None
 
 
 def note_run(conn: Connection, run_id: int, note: str) -> None:
@@ -346,31 +119,7 @@ def failed_fires(conn: Connection, campaign_id: str) -> list[q.Run]:
     return sorted(failed + cut, key=lambda r: r.id, reverse=True)
 
 
-# --- the executor and the job function --------------------------------------------------------
-
-
-class OccurrenceExecutor(AsyncIOExecutor):
-    """Runs `fire` with the fire times it stands for, as a task of the runner that owns us."""
-
-    def __init__(self, runner: Runner) -> None:
-        super().__init__()
-        self._runner = runner
-
-    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        task = self._runner.spawn(job.func(*job.args, run_times=list(run_times),
-                                           runner=self._runner, **job.kwargs))
-
-        def done(t: asyncio.Task[None]) -> None:
-            if t.cancelled() or t.exception() is None:
-                self._run_job_success(job.id, [])
-            else:
-                exc = t.exception()
-                self._run_job_error(job.id, exc, exc.__traceback__ if exc else None)
-
-        task.add_done_callback(done)
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Never cancel a send: the runner awaits in-flight fires before it shuts us down."""
+# --- the job function -------------------------------------------------------------------------
 
 
 async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[datetime] = (),
@@ -378,7 +127,9 @@ async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[dateti
     """The job function: importable, with picklable arguments only (what the job store keeps).
 
     `mailer run`'s executor hands over the runner that fires it; a job run any other way
-    (no runner) loads everything from the config path it was stored with.
+    (no runner) loads everything from the config path it was stored with. The job store keeps
+    it by reference, as the text jobs.JOB_FUNC ("mailer.scheduler:fire"), in every database
+    that ever ran `mailer run`: it stays in this module under this name.
     """
     if runner is None:
         settings = load_settings(config_path)
@@ -388,15 +139,6 @@ async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[dateti
 
 
 # --- the runner -------------------------------------------------------------------------------
-
-
-@dataclass
-class Known:
-    """A campaign file as last seen: its stamp, the id it last validated with, its error now."""
-
-    stamp: tuple[int, int]
-    campaign_id: str | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -423,7 +165,8 @@ def failure_reason(exc: BaseException) -> str:
 
 @dataclass
 class Runner:
-    """One `mailer run` process: keeps the job set in line with campaigns/ and fires runs."""
+    """One `mailer run` process: fires runs; its `jobs` keep the job set in line with
+    campaigns/."""
 
     settings: Settings
     store: Store
@@ -431,130 +174,14 @@ class Runner:
     now: Clock = utcnow
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    good: dict[str, tuple[Path, Checked]] = field(default_factory=dict)
-    files: dict[Path, Known] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
     sending: set[int] = field(default_factory=set)  # runs a dispatcher of ours is sending
+    jobs: CampaignJobs = field(init=False)
 
     def __post_init__(self) -> None:
         # The embedded capture server files mail under var/outbox/ but does not create var/
         # (absent on a fresh PostgreSQL setup, where no SQLite file put it there).
         private_dir(self.settings.var_dir)
-
-    # -- campaign files --------------------------------------------------------------------
-
-    def scan(self) -> dict[Path, tuple[int, int]]:
-        out = {}
-        for path in campaign_files(self.settings):
-            with contextlib.suppress(FileNotFoundError):
-                st = path.stat()
-                out[path] = (st.st_mtime_ns, st.st_size)
-        return out
-
-    def changed(self) -> bool:
-        stamps = self.scan()
-        return stamps != {p: k.stamp for p, k in self.files.items()}
-
-    def load_changes(self) -> bool:
-        """Reload changed files; a file that no longer validates keeps its last good version."""
-        with self._lock:  # the watcher and a fire may both get here, each in a worker thread
-            return self._load_changes()
-
-    def _load_changes(self) -> bool:
-        stamps = self.scan()
-        dirty = False
-        for path in [p for p in self.files if p not in stamps]:
-            known = self.files.pop(path)
-            dirty = True
-            if known.campaign_id and self.good.get(known.campaign_id, (None,))[0] == path:
-                del self.good[known.campaign_id]
-                log_event("campaign-removed", campaign=known.campaign_id, file=path.name)
-        for path, stamp in stamps.items():
-            old = self.files.get(path)
-            if old is not None and old.stamp == stamp:
-                continue
-            dirty = True
-            self.files[path] = Known(stamp, old.campaign_id if old else None)
-            self._load(path)
-        return dirty
-
-    def _load(self, path: Path) -> None:
-        """Check one file; a broken one is reported and skipped, never the end of `mailer run`."""
-        known = self.files[path]
-        try:
-            checked = check_campaign(path, self.settings)
-        except UserError as exc:
-            known.error = exc.sentence()
-        except Exception as exc:  # a bug further down the pipeline: still only this file
-            known.error = file_problem(exc, path)
-        else:
-            known.error = None
-            campaign = checked.campaign
-            known.campaign_id = campaign.id
-            self.good[campaign.id] = (path, checked)
-            log_event("campaign-loaded", campaign=campaign.id, file=path.name,
-                      schedule=_describe(campaign))
-            return
-        log_event("campaign-invalid", level=logging.WARNING, file=path.name,
-                  keeps=known.campaign_id and "its last good version", error=known.error)
-
-    def checked(self, campaign_id: str) -> tuple[Path, Checked] | None:
-        if self.changed():
-            self.load_changes()
-        return self.good.get(campaign_id)
-
-    # -- the job set -----------------------------------------------------------------------
-
-    def reconcile(self, scheduler: AsyncIOScheduler) -> None:
-        """Bring the job store in line with the campaign files (one job per campaign id)."""
-        wanted = {cid: (path, c) for cid, (path, c) in self.good.items()
-                  if c.campaign.schedule is not None}
-        broken = {p.name for p, k in self.files.items() if k.campaign_id is None}
-        for job in scheduler.get_jobs():
-            if job.id in wanted:
-                continue
-            if str(job.name).partition("|")[0] in broken:
-                continue  # the file exists but does not validate: keep its last good schedule
-            scheduler.remove_job(job.id)
-            log_event("job-removed", campaign=job.id)
-        for path, checked in wanted.values():
-            try:
-                self._ensure_job(scheduler, checked.campaign, path)
-            except Exception:  # one campaign's job must not keep the others from theirs
-                log.error("event=job-failed campaign=%s file=%s", checked.campaign.id,
-                          path.name, exc_info=True)
-
-    def _ensure_job(self, scheduler: AsyncIOScheduler, campaign: Campaign, path: Path) -> None:
-        name = fingerprint(campaign, self.settings, path)
-        args = [campaign.id, self.config_path]
-        job = scheduler.get_job(campaign.id)
-        if job is not None and job.name == name:
-            if list(job.args) != args:
-                scheduler.modify_job(campaign.id, args=args)
-            return
-        assert campaign.schedule is not None
-        if campaign.schedule.at is not None:
-            with self.store.engine.connect() as conn:
-                done = one_off_done(conn, campaign.id)
-            if done is not None:
-                if job is not None:
-                    scheduler.remove_job(campaign.id)
-                log_event("schedule-ignored", campaign=campaign.id, run=done.id,
-                          status=done.status, reason="this one-off campaign's occurrence is "
-                          "settled; mailer send sends it (--again anew)")
-                return
-        trigger = trigger_for(campaign, self.settings)
-        if job is None:
-            scheduler.add_job(fire, trigger, args=args, id=campaign.id, name=name,
-                              misfire_grace_time=None, coalesce=False,
-                              max_instances=MAX_INSTANCES, replace_existing=True)
-        else:
-            scheduler.modify_job(campaign.id, name=name, args=args)
-            scheduler.reschedule_job(campaign.id, trigger=trigger)
-        job = scheduler.get_job(campaign.id)
-        nxt = getattr(job, "next_run_time", None)
-        log_event("job-scheduled", campaign=campaign.id, schedule=_describe(campaign),
-                  next_local=_local(nxt, self.settings), next_utc=_utc(nxt))
+        self.jobs = CampaignJobs(self.settings, self.store, self.config_path)
 
     # -- firing ----------------------------------------------------------------------------
 
@@ -573,14 +200,14 @@ class Runner:
 
     async def _fire(self, firing: Firing) -> None:
         campaign_id = firing.campaign_id
-        found = await asyncio.to_thread(self.checked, campaign_id)
+        found = await asyncio.to_thread(self.jobs.checked, campaign_id)
         if found is None:
             log_event("fire-skipped", level=logging.WARNING, campaign=campaign_id,
                       reason="no valid campaign file with this id any more")
             return
         path, checked = found
         firing.campaign = checked.campaign
-        broken = self.files.get(path)
+        broken = self.jobs.files.get(path)
         if broken is not None and broken.error:
             log_event("fire-last-good", level=logging.WARNING, campaign=campaign_id,
                       file=path.name, error=broken.error,
@@ -714,48 +341,13 @@ class Runner:
                 log_event("unfinished-send", campaign=run.campaign_id, run=run.id,
                           hint=f"continue it with: mailer send {run.campaign_id}")
                 continue
-            found = self.good.get(run.campaign_id)
+            found = self.jobs.good.get(run.campaign_id)
             if found is None:
                 log_event("resume-impossible", level=logging.ERROR, campaign=run.campaign_id,
                           run=run.id, reason="no valid campaign file with this id")
                 continue
             log_event("resume", campaign=run.campaign_id, run=run.id, occurrence=run.occurrence)
             self.spawn(self._resume(found[1], run))
-
-    def lost_fires(self, job: Any, now: datetime) -> list[datetime]:
-        """Cron fire times a killed leader took off the job store but never wrote to the ledger.
-
-        APScheduler advances a job's next run time before the job runs, so a kill -9 in between
-        would lose that occurrence. Fire times after the campaign's latest recorded occurrence
-        and before the stored next run time, within the grace period, are due again.
-        """
-        found = self.good.get(job.id)
-        if found is None or job.next_run_time is None or not isinstance(job.trigger, CronTrigger):
-            return []
-        start = now - timedelta(seconds=self.settings.scheduler.misfire_grace_s)
-        with self.store.engine.connect() as conn:
-            latest = q.latest_scheduled(conn, found[1].campaign.id)
-        lost: list[datetime] = []
-        # In UTC: times in the trigger's zone compare and add on the wall clock, which goes
-        # back in the repeated hour of the fall-back night.
-        until = job.next_run_time.astimezone(UTC)
-        when = job.trigger.get_next_fire_time(None, start)
-        while when is not None and when < until and when <= now:
-            if latest is None or when > latest:
-                lost.append(when)
-            when = job.trigger.get_next_fire_time(
-                when, when.astimezone(UTC) + timedelta(microseconds=1))
-        return lost
-
-    async def catch_up(self, scheduler: AsyncIOScheduler, before: dict[str, str]) -> None:
-        """Fire the occurrences lost between the job store's update and the ledger's insert."""
-        for job in scheduler.get_jobs():
-            if before.get(job.id) != job.name:
-                continue  # new or changed since the last process: nothing can have been lost
-            lost = await asyncio.to_thread(self.lost_fires, job, self.now())
-            if lost:
-                log_event("catch-up", campaign=job.id, fires=len(lost), first=_utc(lost[0]))
-                self.spawn(self.fire(job.id, lost))
 
     async def _resume(self, checked: Checked, run: q.Run, *, event: str = "resume") -> None:
         try:
@@ -770,9 +362,9 @@ class Runner:
         `mailer run` is a dispatch worker; the leader alone fires schedules)."""
         while not self.stop.is_set():
             if not leading.is_set():
-                await asyncio.to_thread(self.load_changes)
+                await asyncio.to_thread(self.jobs.load_changes)
                 for run in await asyncio.to_thread(self.runs_to_help):
-                    found = self.good.get(run.campaign_id)
+                    found = self.jobs.good.get(run.campaign_id)
                     if found is not None:
                         log_event("help", campaign=run.campaign_id, run=run.id,
                                   occurrence=run.occurrence)
@@ -802,18 +394,6 @@ class Runner:
 
     # -- the process -----------------------------------------------------------------------
 
-    def make_scheduler(self) -> AsyncIOScheduler:
-        scheduler = AsyncIOScheduler(timezone=self.settings.tz)
-        scheduler.add_jobstore(SQLAlchemyJobStore(engine=self.store.engine, tablename=JOB_TABLE))
-        scheduler.add_executor(OccurrenceExecutor(self))
-        return scheduler
-
-    async def sync(self, scheduler: AsyncIOScheduler, *, force: bool = False) -> None:
-        if force or self.changed():
-            dirty = await asyncio.to_thread(self.load_changes)
-            if dirty or force:
-                self.reconcile(scheduler)
-
     def poll_mailbox(self) -> asyncio.Task[None] | None:
         """Returned mail is read on its own interval while we lead (mailbox.py), when an IMAP
         mailbox is configured."""
@@ -825,14 +405,14 @@ class Runner:
 
     async def lead(self, leader: Leadership, *, once: bool) -> None:
         """Run the scheduler while we hold the lock (or, with once, until what is due is done)."""
-        scheduler = self.make_scheduler()
+        scheduler = self.jobs.make_scheduler(self)
         scheduler.start(paused=True)
         poller: asyncio.Task[None] | None = None
         try:
             before = {job.id: job.name for job in scheduler.get_jobs()}
-            await self.sync(scheduler, force=True)
+            await self.jobs.sync(scheduler, force=True)
             await self.resume_unfinished()
-            await self.catch_up(scheduler, before)
+            await self.jobs.catch_up(scheduler, before, self)
             scheduler.resume()
             if once:
                 await _next_turn()  # resume() queued a wakeup: due jobs are submitted by now
@@ -847,7 +427,7 @@ class Runner:
                 if not await asyncio.to_thread(leader.held):
                     log_event("leadership-lost", level=logging.WARNING)
                     break
-                await self.sync(scheduler)
+                await self.jobs.sync(scheduler)
         finally:
             if poller is not None:
                 poller.cancel()
@@ -912,144 +492,10 @@ async def serve(settings: Settings, config_path: str, *, once: bool = False, now
             with contextlib.suppress(asyncio.CancelledError):
                 await helping
     log_event("exit", reason="stopped" if runner.stop.is_set() else "done")
-    invalid = {path: known.error for path, known in sorted(runner.files.items()) if known.error}
+    invalid = {path: known.error for path, known in sorted(runner.jobs.files.items())
+               if known.error}
     for path, error in invalid.items():
         if on_invalid is not None:
             on_invalid(path, error)
     return 1 if once and invalid else 0
 
-
-# --- `mailer schedule` ------------------------------------------------------------------------
-
-
-def _describe(campaign: Campaign) -> str:
-    s = campaign.schedule
-    if s is None:
-        return "none"
-    return f"cron {s.cron}" if s.cron is not None else f"at {s.at}"
-
-
-def _local(when: datetime | None, settings: Settings) -> str | None:
-    return when.astimezone(settings.tz).isoformat() if when else None
-
-
-def _utc(when: datetime | None) -> str | None:
-    return when.astimezone(UTC).isoformat() if when else None
-
-
-def schedule_overview(settings: Settings, store: Store, *, now: datetime | None = None,
-                      unscheduled: bool = False) -> list[dict[str, Any]]:
-    """Every scheduled campaign: next fire (local and UTC) or why there is none, last run and
-    its status, misses. With `unscheduled`, campaigns without a schedule too (`schedule` None).
-
-    Files are checked as `mailer run` checks them (list contents aside, which `mailer validate`
-    reads): a broken one is listed with its error and, when the job store still holds a job for
-    it, the last good schedule `mailer run` keeps.
-    """
-    now = now or utcnow()
-    kept: dict[str, dict[str, Any]] | None = None
-    out: list[dict[str, Any]] = []
-    for path in campaign_files(settings):
-        try:
-            campaign = check_campaign(path, settings, with_audience=False).campaign
-        except Exception as exc:  # one sentence per broken file; the others are still listed
-            if kept is None:
-                kept = kept_jobs(store, settings)
-            error = file_problem(exc, path)
-            out.append({"file": path.name, "campaign": None, "error": error,
-                        "kept": kept.get(path.name), "why": f"the file is invalid: {error}"})
-            continue
-        if campaign.schedule is None and not unscheduled:
-            continue
-        out.append(_overview_row(campaign, path, settings, store, now))
-    return out
-
-
-def file_problem(exc: Exception, path: Path) -> str:
-    """One line for a file that did not pass the checks; a bug's traceback goes to the log."""
-    if isinstance(exc, UserError):
-        return exc.sentence()
-    log.error("event=campaign-check-crashed file=%s", path.name, exc_info=True)
-    detail = " ".join(str(exc).split())[:300]
-    return f"{path}: could not be checked ({type(exc).__name__}: {detail}); please report this"
-
-
-def _overview_row(campaign: Campaign, path: Path, settings: Settings, store: Store,
-                  now: datetime) -> dict[str, Any]:
-    from .report import run_numbers
-
-    schedule = campaign.schedule
-    with store.engine.connect() as conn:
-        last = q.last_run(conn, campaign.id)
-        missed = q.runs_with_status(conn, campaign.id, RunStatus.MISSED)
-        failed = failed_fires(conn, campaign.id)
-        done = one_off_done(conn, campaign.id) if schedule and schedule.at else None
-        number = run_numbers(conn, campaign.id)
-    nxt = None if done is not None or schedule is None else next_fire(campaign, settings, now)
-    return {
-        "file": path.name, "campaign": campaign.id,
-        "schedule": _describe(campaign) if schedule else None,
-        "next_local": _local(nxt, settings), "next_utc": _utc(nxt),
-        "why": None if nxt else no_next_fire(campaign, settings, done, number),
-        "last_run": None if last is None else {
-            "id": last.id, "number": number[last.id], "occurrence": last.occurrence,
-            "status": last.status, "trigger": last.trigger,
-            "scheduled_utc": _utc(last.scheduled_at), "late_s": last.late_s,
-            "total": last.total, "finished_utc": _utc(last.finished_at), "note": last.note},
-        "missed": [{"occurrence": r.occurrence, "scheduled_utc": _utc(r.scheduled_at),
-                    "note": r.note} for r in missed],
-        "failed": [{"run": r.id, "number": number[r.id], "occurrence": r.occurrence,
-                    "status": r.status, "scheduled_utc": _utc(r.scheduled_at), "note": r.note}
-                   for r in failed],
-    }
-
-
-def no_next_fire(campaign: Campaign, settings: Settings, done: q.Run | None,
-                 number: dict[int, int]) -> str:
-    """Why a campaign will not fire again: one clause for `mailer schedule`."""
-    from .report import local_time
-
-    schedule = campaign.schedule
-    send = f"mailer send {campaign.id}"
-    if schedule is None:
-        return f"no schedule: it goes out only with: {send}"
-    if schedule.cron is not None:
-        return f"cron {schedule.cron} matches no future time"
-    at = local_time(resolve_local(schedule.at or "", settings), settings.tz)
-    if done is None:
-        return (f"its time {at} has passed (mailer run sends it within "
-                f"misfire_grace_s={settings.scheduler.misfire_grace_s:g} s of it, else records "
-                f"it as missed)")
-    run = f"run {number[done.id]}"
-    if done.status == RunStatus.FINISHED:
-        when = local_time(done.finished_at or done.created_at, settings.tz)
-        by = ", by mailer send" if done.trigger != TRIGGER else ""
-        return f"already sent on {when} ({run}{by}, {done.total} recipients)"
-    if done.status == RunStatus.RUNNING:
-        return f"being sent since {local_time(done.created_at, settings.tz)} ({run})"
-    if done.status == RunStatus.MISSED:
-        return f"missed at {at} ({run}): send it with: {send}"
-    return f"its fire at {at} failed ({run}): send it with: {send}"
-
-
-def kept_jobs(store: Store, settings: Settings) -> dict[str, dict[str, Any]]:
-    """The jobs in the store by the file they came from (read-only; `mailer run` owns them)."""
-    import pickle
-
-    from sqlalchemy import inspect
-
-    if JOB_TABLE not in inspect(store.engine).get_table_names():
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    with store.engine.connect() as conn:
-        rows = conn.execute(text(f"SELECT id, job_state FROM {JOB_TABLE}")).all()
-    for job_id, job_state in rows:
-        try:  # our own rows, pickled by APScheduler's SQLAlchemyJobStore
-            state = pickle.loads(job_state)
-            file, _, rest = str(state["name"]).partition("|")
-            nxt = state["next_run_time"]
-        except Exception:
-            continue  # not ours to judge: mailer run reports jobs it cannot restore
-        out[file] = {"campaign": job_id, "schedule": rest.rpartition("|")[0],
-                     "next_local": _local(nxt, settings), "next_utc": _utc(nxt)}
-    return out

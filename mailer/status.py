@@ -34,7 +34,7 @@ def campaign_status(settings: Settings, store: Store, *, now: datetime | None = 
 
 
 def _status(path: Path, settings: Settings, store: Store, now: datetime) -> dict[str, Any]:
-    from .scheduler import file_problem  # the sentence `mailer schedule` shows for a bad file
+    from .jobs import file_problem  # the sentence `mailer schedule` shows for a bad file
 
     entry: dict[str, Any] = {"file": path.name, "campaign": None, "title": None,
                              "languages": [], "audience": None, "schedule": None,
@@ -89,7 +89,7 @@ def _last_run(conn: Connection, runs: list[q.Run], tz: tzinfo) -> dict[str, Any]
 def _schedule(conn: Connection, campaign: Campaign, runs: list[q.Run], settings: Settings,
               now: datetime) -> tuple[datetime | None, str | None]:
     """The next fire as `mailer schedule` computes it, and a missed fire as a problem."""
-    from .scheduler import next_fire, one_off_done
+    from .jobs import next_fire, one_off_done
 
     schedule = campaign.schedule
     if schedule is None:

@@ -9,7 +9,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "mailer"
 PURE = ("mailer.render", "mailer.compose", "mailer.campaign")
 IMPURE = ("mailer.store", "mailer.transport", "mailer.dispatch", "mailer.relay",
-          "mailer.workers", "mailer.scheduler", "mailer.quota", "mailer.capture")
+          "mailer.workers", "mailer.scheduler", "mailer.jobs", "mailer.leader",
+          "mailer.schedule_view", "mailer.quota", "mailer.capture")
 
 
 def module_file(name: str) -> Path | None:

@@ -20,21 +20,11 @@ import pytest
 from apscheduler.triggers.cron import CronTrigger
 
 from mailer.config import SchedulerSettings, Settings
-from mailer.scheduler import (
-    FAILED_ONCE,
-    FIRE_FAILED,
-    JOB_TABLE,
-    LOCK_KEYS,
-    MISSED_ONCE,
-    ONCE,
-    PostgresLeader,
-    Runner,
-    decide,
-    kept_jobs,
-    schedule_overview,
-    serve,
-)
-from mailer.store import RunStatus, Store, open_store
+from mailer.jobs import JOB_TABLE, decide, kept_jobs
+from mailer.leader import LOCK_KEYS, PostgresLeader
+from mailer.schedule_view import schedule_overview
+from mailer.scheduler import FIRE_FAILED, Runner, serve
+from mailer.store import FAILED_ONCE, MISSED_ONCE, ONCE, RunStatus, Store, open_store
 from mailer.store import queries as q
 from mailer.triggers import cron_trigger, crontab_weekdays
 from tests.conftest import Project, both_databases
@@ -167,7 +157,7 @@ def runner_for(project: Project, now: datetime, *, store: Store | None = None,
     settings = fast(project.settings(), **changes)
     runner = Runner(settings=settings, store=store or open_store(settings.database_url),
                     config_path=str(project.config), now=lambda: now)
-    runner.load_changes()
+    runner.jobs.load_changes()
     return runner
 
 
@@ -461,15 +451,15 @@ async def test_an_unexpected_error_checking_one_file_does_not_stop_the_others(
         project: Project, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug further down the pipeline (not a UserError) costs one file, not the scheduler."""
-    from mailer import scheduler
+    from mailer import jobs
 
     def check(path: Path, *args: object, **kwargs: object) -> object:
         if path.name == "bug.yaml":
             raise RuntimeError("a bug in a later stage")
         return real(path, *args, **kwargs)
 
-    real = scheduler.check_campaign
-    monkeypatch.setattr(scheduler, "check_campaign", check)
+    real = jobs.check_campaign
+    monkeypatch.setattr(jobs, "check_campaign", check)
     settings = fast(project.settings())
     project.campaign("due.yaml", at_text(datetime.now(UTC) - timedelta(minutes=5)))
     project.campaign("bug.yaml", at_text(datetime.now(UTC) - timedelta(minutes=5)))
@@ -716,7 +706,7 @@ async def test_the_executor_fires_with_its_own_runner(project: Project) -> None:
     spawned: list[asyncio.Task[None]] = []
     spawn = runner.spawn
     runner.spawn = lambda coro: spawned.append(spawn(coro)) or spawned[-1]  # type: ignore[method-assign]
-    scheduler = runner.make_scheduler()
+    scheduler = runner.jobs.make_scheduler(runner)
     scheduler.start(paused=True)
     try:
         scheduler.add_job(fire, DateTrigger(run_date=t), id="daily", misfire_grace_time=None,

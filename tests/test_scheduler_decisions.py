@@ -1,6 +1,7 @@
 """The scheduler's decisions, pinned one function at a time without a running scheduler.
 
-What this module pins, in mailer/scheduler.py:
+What this module pins, in mailer/scheduler.py and the modules beside it (jobs.py, leader.py,
+schedule_view.py; `log_event` in logs.py):
 
 * the log line (`log_event`): its quoting rules, None fields left out, floats to 3 decimals;
 * what a schedule means (`trigger_for`, `fingerprint`, `next_fire`, `is_fire_time`,
@@ -11,7 +12,9 @@ What this module pins, in mailer/scheduler.py:
 * who leads (`FileLeader` on real flock files, `PostgresLeader` on the real PostgreSQL, two
   contenders each; `leader_for`);
 * what the ledger says (`one_off_done`, `note_run`, `failed_fires`, `failure_reason`,
-  `Runner._record_failure`, `Runner.lost_fires`);
+  `Runner._record_failure`, `CampaignJobs.lost_fires`);
+* how a job names its function in the job store (`mailer.scheduler:fire`, as existing
+  databases hold it);
 * what `mailer schedule` shows (`schedule_overview`, `_overview_row`, `no_next_fire`,
   `kept_jobs`, `file_problem`, `_local`, `_utc`).
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import secrets
 import stat
 import time
@@ -38,46 +42,34 @@ import pytest
 from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
+from apscheduler.util import ref_to_obj
 from sqlalchemy import Connection, Engine, QueuePool, create_engine, make_url, text, update
 from sqlalchemy.exc import OperationalError
 
 from mailer.campaign import Campaign, load_campaign
 from mailer.checks import check_campaign
 from mailer.errors import CampaignError, LedgerError, UserError
-from mailer.scheduler import (
-    FAILED_ONCE,
+from mailer.jobs import (
     JOB_TABLE,
-    MISSED_ONCE,
-    ONCE,
-    TRIGGER,
     Decision,
-    FileLeader,
-    Firing,
-    PostgresLeader,
-    Runner,
     _describe,
     _local,
-    _overview_row,
     _utc,
     decide,
-    failed_fires,
-    failure_reason,
     file_problem,
     fingerprint,
-    fire,
     is_fire_time,
     kept_jobs,
-    leader_for,
-    log_event,
     next_fire,
-    no_next_fire,
-    note_run,
     occurrence_of,
     one_off_done,
-    schedule_overview,
     trigger_for,
 )
-from mailer.store import RunStatus, Store, open_store
+from mailer.leader import FileLeader, PostgresLeader, leader_for
+from mailer.logs import log_event
+from mailer.schedule_view import _overview_row, no_next_fire, schedule_overview
+from mailer.scheduler import TRIGGER, Firing, Runner, failed_fires, failure_reason, fire, note_run
+from mailer.store import FAILED_ONCE, MISSED_ONCE, ONCE, RunStatus, Store, open_store
 from mailer.store import queries as q
 from mailer.store.tables import runs
 from mailer.triggers import CampaignCronTrigger
@@ -594,7 +586,7 @@ def job_of(runner: Runner, campaign_id: str, next_run_time: datetime | None,
            campaign: Campaign | None = None) -> Job:
     """The job as the job store hands it back after a kill -9: its next run time advanced,
     in the zone of its trigger."""
-    found = runner.good.get(campaign_id)
+    found = runner.jobs.good.get(campaign_id)
     campaign = campaign or (found[1].campaign if found else None)
     assert campaign is not None
     return Job(BackgroundScheduler(timezone=runner.settings.tz), id=campaign_id, func=fire,
@@ -611,7 +603,7 @@ def test_lost_fires_are_those_after_the_ledger_and_before_the_job(project: Proje
     runner = runner_for(project, now, misfire_grace_s=1800)
     # Nothing recorded; the job already points past now: every fire of the grace period.
     second_pass = datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=BERLIN)  # 01:30 UTC
-    lost = runner.lost_fires(job_of(runner, "tick", second_pass), now)
+    lost = runner.jobs.lost_fires(job_of(runner, "tick", second_pass), now)
     assert [t.isoformat() for t in lost] == [
         "2026-10-25T02:40:00+02:00", "2026-10-25T02:50:00+02:00", "2026-10-25T02:00:00+01:00",
         "2026-10-25T02:10:00+01:00"]
@@ -619,12 +611,12 @@ def test_lost_fires_are_those_after_the_ledger_and_before_the_job(project: Proje
     with runner.store.engine.begin() as conn:
         add_run(conn, "tock", "2026-10-25T00:40:00+00:00", RunStatus.FINISHED,
                 scheduled_at=utc(2026, 10, 25, 0, 40))
-    lost = runner.lost_fires(job_of(runner, "tock", second_pass.replace(minute=0)), now)
+    lost = runner.jobs.lost_fires(job_of(runner, "tock", second_pass.replace(minute=0)), now)
     assert [t.isoformat() for t in lost] == ["2026-10-25T02:50:00+02:00"]
     gone = load(project, "gone", 'cron: "*/10 * * * *"')
-    assert [runner.lost_fires(job_of(runner, "gone", now, gone), now),
-            runner.lost_fires(job_of(runner, "tick", None), now),
-            runner.lost_fires(job_of(runner, "oneoff", utc(2026, 10, 25, 3)),
+    assert [runner.jobs.lost_fires(job_of(runner, "gone", now, gone), now),
+            runner.jobs.lost_fires(job_of(runner, "tick", None), now),
+            runner.jobs.lost_fires(job_of(runner, "oneoff", utc(2026, 10, 25, 3)),
                               utc(2026, 10, 25, 2, 5))] == [[], [], []]
 
 
@@ -697,10 +689,10 @@ def test_file_problem_is_one_sentence_and_a_bug_is_logged(
 
 async def store_jobs(runner: Runner) -> None:
     """What `mailer run` leaves in the job store: one job per good scheduled campaign."""
-    scheduler = runner.make_scheduler()
+    scheduler = runner.jobs.make_scheduler(runner)
     scheduler.start(paused=True)
     try:
-        runner.reconcile(scheduler)
+        runner.jobs.reconcile(scheduler)
     finally:
         scheduler.shutdown(wait=False)
 
@@ -730,6 +722,19 @@ async def test_kept_jobs_reads_the_job_store_and_skips_what_is_not_ours(
                         "next_local": "2030-07-01T09:00:00+02:00",
                         "next_utc": "2030-07-01T07:00:00+00:00"},
     }
+
+
+async def test_jobs_name_the_job_function_as_existing_job_stores_hold_it(
+        project: Project) -> None:
+    """The job store pickles the function by reference: the text existing databases hold must
+    still resolve to the job function, and a new job must be stored with that same text."""
+    project.campaign("later.yaml", campaign_text('at: "2030-01-07 10:00"'))
+    runner = runner_for(project, utc(2026, 11, 29))
+    await store_jobs(runner)
+    with runner.store.engine.connect() as conn:
+        [state] = conn.execute(text(f"SELECT job_state FROM {JOB_TABLE}")).scalars()
+    assert pickle.loads(state)["func"] == "mailer.scheduler:fire"
+    assert ref_to_obj("mailer.scheduler:fire") is fire
 
 
 async def test_schedule_overview_row_by_row(project: Project) -> None:

@@ -80,7 +80,7 @@ def run(ctx: Ctx, once: bool) -> None:
 @user_errors
 def schedule(ctx: Ctx, as_json: bool) -> None:
     """Every scheduled campaign: next fire time, last run, missed occurrences."""
-    from ..scheduler import schedule_overview
+    from ..schedule_view import schedule_overview
 
     settings = ctx.settings
     rows = schedule_overview(settings, ctx.store(), unscheduled=True)
