@@ -247,7 +247,7 @@ class CampaignJobs:
             known.campaign_id = campaign.id
             self.good[campaign.id] = (path, checked)
             log_event("campaign-loaded", campaign=campaign.id, file=path.name,
-                      schedule=_describe(campaign))
+                      schedule=schedule_text(campaign))
             return
         log_event("campaign-invalid", level=logging.WARNING, file=path.name,
                   keeps=known.campaign_id and "its last good version", error=known.error)
@@ -319,8 +319,8 @@ class CampaignJobs:
             scheduler.reschedule_job(campaign.id, trigger=trigger)
         job = scheduler.get_job(campaign.id)
         nxt = getattr(job, "next_run_time", None)
-        log_event("job-scheduled", campaign=campaign.id, schedule=_describe(campaign),
-                  next_local=_local(nxt, self.settings), next_utc=_utc(nxt))
+        log_event("job-scheduled", campaign=campaign.id, schedule=schedule_text(campaign),
+                  next_local=local_isoformat(nxt, self.settings), next_utc=utc_isoformat(nxt))
 
     def lost_fires(self, job: Any, now: datetime) -> list[datetime]:
         """Cron fire times a killed leader took off the job store but never wrote to the ledger.
@@ -355,7 +355,8 @@ class CampaignJobs:
                 continue  # new or changed since the last process: nothing can have been lost
             lost = await asyncio.to_thread(self.lost_fires, job, runner.now())
             if lost:
-                log_event("catch-up", campaign=job.id, fires=len(lost), first=_utc(lost[0]))
+                log_event("catch-up", campaign=job.id, fires=len(lost),
+                          first=utc_isoformat(lost[0]))
                 runner.spawn(runner.fire(job.id, lost))
 
 
@@ -378,25 +379,25 @@ def kept_jobs(store: Store, settings: Settings) -> dict[str, dict[str, Any]]:
         except Exception:
             continue  # not ours to judge: mailer run reports jobs it cannot restore
         out[file] = {"campaign": job_id, "schedule": rest.rpartition("|")[0],
-                     "next_local": _local(nxt, settings), "next_utc": _utc(nxt)}
+                     "next_local": local_isoformat(nxt, settings), "next_utc": utc_isoformat(nxt)}
     return out
 
 
 # --- texts of the log lines and of `mailer schedule` ------------------------------------------
 
 
-def _describe(campaign: Campaign) -> str:
+def schedule_text(campaign: Campaign) -> str:
     s = campaign.schedule
     if s is None:
         return "none"
     return f"cron {s.cron}" if s.cron is not None else f"at {s.at}"
 
 
-def _local(when: datetime | None, settings: Settings) -> str | None:
+def local_isoformat(when: datetime | None, settings: Settings) -> str | None:
     return when.astimezone(settings.tz).isoformat() if when else None
 
 
-def _utc(when: datetime | None) -> str | None:
+def utc_isoformat(when: datetime | None) -> str | None:
     return when.astimezone(UTC).isoformat() if when else None
 
 

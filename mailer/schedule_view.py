@@ -10,7 +10,15 @@ from typing import Any
 from .campaign import Campaign, campaign_files, resolve_local
 from .checks import check_campaign
 from .config import Settings
-from .jobs import _describe, _local, _utc, file_problem, kept_jobs, next_fire, one_off_done
+from .jobs import (
+    file_problem,
+    kept_jobs,
+    local_isoformat,
+    next_fire,
+    one_off_done,
+    schedule_text,
+    utc_isoformat,
+)
 from .scheduler import TRIGGER, failed_fires
 from .store import RunStatus, Store
 from .store import queries as q
@@ -58,18 +66,20 @@ def _overview_row(campaign: Campaign, path: Path, settings: Settings, store: Sto
     nxt = None if done is not None or schedule is None else next_fire(campaign, settings, now)
     return {
         "file": path.name, "campaign": campaign.id,
-        "schedule": _describe(campaign) if schedule else None,
-        "next_local": _local(nxt, settings), "next_utc": _utc(nxt),
+        "schedule": schedule_text(campaign) if schedule else None,
+        "next_local": local_isoformat(nxt, settings), "next_utc": utc_isoformat(nxt),
         "why": None if nxt else no_next_fire(campaign, settings, done, number),
         "last_run": None if last is None else {
             "id": last.id, "number": number[last.id], "occurrence": last.occurrence,
             "status": last.status, "trigger": last.trigger,
-            "scheduled_utc": _utc(last.scheduled_at), "late_s": last.late_s,
-            "total": last.total, "finished_utc": _utc(last.finished_at), "note": last.note},
-        "missed": [{"occurrence": r.occurrence, "scheduled_utc": _utc(r.scheduled_at),
+            "scheduled_utc": utc_isoformat(last.scheduled_at), "late_s": last.late_s,
+            "total": last.total, "finished_utc": utc_isoformat(last.finished_at),
+            "note": last.note},
+        "missed": [{"occurrence": r.occurrence, "scheduled_utc": utc_isoformat(r.scheduled_at),
                     "note": r.note} for r in missed],
         "failed": [{"run": r.id, "number": number[r.id], "occurrence": r.occurrence,
-                    "status": r.status, "scheduled_utc": _utc(r.scheduled_at), "note": r.note}
+                    "status": r.status, "scheduled_utc": utc_isoformat(r.scheduled_at),
+                    "note": r.note}
                    for r in failed],
     }
 

@@ -83,7 +83,7 @@ from .checks import Checked
 from .config import Settings, load_settings
 from .errors import MailerError, UserError
 from .files import private_dir
-from .jobs import CampaignJobs, Decision, _utc, decide, is_fire_time, one_off_done
+from .jobs import CampaignJobs, Decision, decide, is_fire_time, one_off_done, utc_isoformat
 from .leader import Leadership, leader_for
 from .logs import log_event
 from .redact import redact_addresses
@@ -216,7 +216,8 @@ class Runner:
                           grace_s=self.settings.scheduler.misfire_grace_s, zone=self.settings.tz)
         firing.decision = decision
         if not is_fire_time(checked.campaign, self.settings, decision.scheduled_at):
-            log_event("fire-skipped", campaign=campaign_id, scheduled=_utc(decision.scheduled_at),
+            log_event("fire-skipped", campaign=campaign_id,
+                      scheduled=utc_isoformat(decision.scheduled_at),
                       reason="the schedule changed since; the new one applies")
             return
         if decision.note:
@@ -268,7 +269,7 @@ class Runner:
             elif schedule is not None and schedule.at is not None:
                 occurrence = FAILED_ONCE
             else:
-                occurrence = _utc(scheduled) or f"failed-{local:%Y%m%dT%H%M%S}"
+                occurrence = utc_isoformat(scheduled) or f"failed-{local:%Y%m%dT%H%M%S}"
             note = f"failed: {reason}; not sent - send it with: {hint}"
             run, created = q.insert_run(
                 conn, campaign_id=firing.campaign_id, occurrence=occurrence, trigger=TRIGGER,

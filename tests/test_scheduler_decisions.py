@@ -5,7 +5,7 @@ schedule_view.py; `log_event` in logs.py):
 
 * the log line (`log_event`): its quoting rules, None fields left out, floats to 3 decimals;
 * what a schedule means (`trigger_for`, `fingerprint`, `next_fire`, `is_fire_time`,
-  `occurrence_of`, `_describe`): fire times in the configured zone (Europe/Berlin) on both
+  `occurrence_of`, `schedule_text`): fire times in the configured zone (Europe/Berlin) on both
   daylight saving nights of 2026, asked with aware times from other zones;
 * what a fire does (`decide`): the exact boundary of `misfire_grace_s`, the latest of unsorted
   run times standing for all, `once` against `once-missed`, and its notes as staff read them;
@@ -16,7 +16,7 @@ schedule_view.py; `log_event` in logs.py):
 * how a job names its function in the job store (`mailer.scheduler:fire`, as existing
   databases hold it);
 * what `mailer schedule` shows (`schedule_overview`, `_overview_row`, `no_next_fire`,
-  `kept_jobs`, `file_problem`, `_local`, `_utc`).
+  `kept_jobs`, `file_problem`, `local_isoformat`, `utc_isoformat`).
 
 Every test runs in-process in well under a second (a fake clock is passed as `now`), so this
 module can be the test selection of a mutation run over these functions; tests/test_scheduler.py
@@ -52,18 +52,18 @@ from mailer.errors import CampaignError, LedgerError, UserError
 from mailer.jobs import (
     JOB_TABLE,
     Decision,
-    _describe,
-    _local,
-    _utc,
     decide,
     file_problem,
     fingerprint,
     is_fire_time,
     kept_jobs,
+    local_isoformat,
     next_fire,
     occurrence_of,
     one_off_done,
+    schedule_text,
     trigger_for,
+    utc_isoformat,
 )
 from mailer.leader import FileLeader, PostgresLeader, leader_for
 from mailer.logs import log_event
@@ -162,7 +162,7 @@ def test_trigger_fingerprint_and_description_follow_the_schedule(project: Projec
     path = project.root / "campaigns" / "renamed.yaml"
     assert fingerprint(cron, settings, path) == "renamed.yaml|cron 30 2 * * *|Europe/Berlin"
     assert fingerprint(at, settings, path) == "renamed.yaml|at 2026-03-29 03:30|Europe/Berlin"
-    assert [_describe(c) for c in (cron, at, plain)] == [
+    assert [schedule_text(c) for c in (cron, at, plain)] == [
         "cron 30 2 * * *", "at 2026-03-29 03:30", "none"]
 
 
@@ -626,9 +626,9 @@ def test_lost_fires_are_those_after_the_ledger_and_before_the_job(project: Proje
 def test_local_and_utc_texts(project: Project) -> None:
     settings = project.settings()
     second_pass = utc(2026, 10, 25, 1, 30)
-    assert _local(second_pass, settings) == "2026-10-25T02:30:00+01:00"
-    assert _utc(second_pass.astimezone(NEW_YORK)) == "2026-10-25T01:30:00+00:00"
-    assert (_local(None, settings), _utc(None)) == (None, None)
+    assert local_isoformat(second_pass, settings) == "2026-10-25T02:30:00+01:00"
+    assert utc_isoformat(second_pass.astimezone(NEW_YORK)) == "2026-10-25T01:30:00+00:00"
+    assert (local_isoformat(None, settings), utc_isoformat(None)) == (None, None)
 
 
 def run_value(status: RunStatus, **fields: Any) -> q.Run:
