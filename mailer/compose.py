@@ -347,19 +347,20 @@ class Composer:
 
 
 def encoded_part(pieces: Sequence[str], mostly_ascii: bool,
-                 encode_qp: Callable[[Sequence[str]], bytes] | None = None) -> bytes:
+                 encode_qp: Callable[[Sequence[str]], bytes]) -> bytes:
     """Quoted-printable for Latin scripts; base64 where it is smaller (Arabic, Cyrillic)."""
     if mostly_ascii:
-        data = encode_qp(pieces) if encode_qp is not None else qp("".join(pieces))
-        return b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + data
-    return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64("".join(pieces).encode("utf-8"))
+        return b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + encode_qp(pieces)
+    # RFC 2045 §6.8: text is encoded in its canonical form, lines ending in CRLF.
+    text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+    return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(text.encode("utf-8"))
 
 
 def _encoded_attachment(att: Attachment) -> bytes:
     """A text attachment (calendar entries) like a text part, by size; files in base64."""
     if att.content_type.startswith("text/"):
         text = att.data.decode("utf-8")
-        return encoded_part([text], mostly_ascii(text))
+        return encoded_part([text], mostly_ascii(text), QPPieces())
     return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(att.data)
 
 
