@@ -484,6 +484,15 @@ def test_pieces_share_a_line_while_it_has_room_then_a_soft_break_joins_them() ->
         b"y" * 75 + b"=", b"y" * 25, b"z" * 74 + b"=", b"zz"]
 
 
+def test_a_base64_text_part_is_encoded_with_crlf_line_ends_whatever_came_in() -> None:
+    from mailer.compose import QPPieces, encoded_part
+
+    head, _, body = encoded_part(["a\r\nb", "\rc\n", "d\ne"], False, QPPieces()).partition(
+        b"\r\n\r\n")
+    assert head == b"Content-Transfer-Encoding: base64"
+    assert base64.b64decode(body) == b"a\r\nb\r\nc\r\nd\r\ne"
+
+
 def test_lines_are_cut_before_the_overflow_and_never_inside_an_escape() -> None:
     from mailer.compose import _fit_lines, qp
 
