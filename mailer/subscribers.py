@@ -321,11 +321,13 @@ def members(conn: Connection, list_name: str) -> list[Recipient]:
 def iter_members(conn: Connection, list_name: str) -> Iterator[tuple[int, Recipient]]:
     """`members` as a stream, a chunk of rows at a time, each with its subscriber id."""
     s, m = subscribers, memberships
-    rows = conn.execution_options(yield_per=MEMBER_CHUNK).execute(
+    # On the statement, not the connection: a connection keeps its options for what follows.
+    rows = conn.execute(
         select(s.c.id, s.c.email, s.c.name, s.c.language)
         .join(m, m.c.subscriber_id == s.c.id)
         .where(m.c.list_name == list_name, m.c.status == MemberStatus.SUBSCRIBED)
         .order_by(s.c.id)
+        .execution_options(yield_per=MEMBER_CHUNK)
     )
     for sid, e, n, lang in rows:
         yield sid, Recipient(email=e, name=n, language=lang, list=list_name)

@@ -368,6 +368,72 @@ def test_record_stores_a_time_exactly_as_the_other_queries_do(store: Store) -> N
 
 
 @both_databases
+def test_due_count_counts_pending_rows_of_the_run_whose_retry_time_has_come(
+        store: Store) -> None:
+    run, ids = ledger(store, people(6))
+    other, _ = ledger(store, people(2), occurrence="2")  # another run's rows are not counted
+    with store.engine.begin() as conn:
+        q.claim(conn, run.id, worker="w1", limit=4, now=NOW)
+        q.record(conn, [
+            q.Outcome(ids[0], SENT, 250, "ok", sent_at=NOW),
+            q.Outcome(ids[1], PENDING, 451, "later", next_attempt_at=NOW + MINUTE),
+            q.Outcome(ids[2], PENDING, 451, "now", next_attempt_at=NOW)])
+        # ids[3] is sending; ids[4], ids[5] are pending with no retry time
+        assert q.due_count(conn, run.id, NOW) == 3  # ids[2] (at NOW), ids[4], ids[5]
+        assert q.due_count(conn, run.id, NOW - MINUTE) == 2
+        assert q.due_count(conn, run.id, NOW + MINUTE) == 4
+        assert q.due_count(conn, other.id, NOW) == 2
+
+
+@both_databases
+def test_sent_by_counts_sent_and_bounced_rows_per_worker_busiest_first(store: Store) -> None:
+    run, ids = ledger(store, people(7))
+    other, other_ids = ledger(store, people(1), occurrence="2")
+    with store.engine.begin() as conn:
+        q.claim(conn, run.id, worker="w", limit=7, now=NOW)
+        q.claim(conn, other.id, worker="w", limit=1, now=NOW)
+        q.record(conn, [q.Outcome(i, SENT, 250, "ok", sent_at=NOW) for i in ids[:2]],
+                 worker="host:2:b")
+        q.record(conn, [q.Outcome(i, SENT, 250, "ok", sent_at=NOW) for i in ids[2:4]],
+                 worker="host:1:a")
+        q.record(conn, [q.Outcome(ids[4], SENT, 250, "ok", sent_at=NOW)], worker="host:3:c")
+        q.record(conn, [q.Outcome(ids[5], FAILED, 550, "no")], worker="host:3:c")
+        q.record(conn, [q.Outcome(ids[6], PENDING, 451, "later", next_attempt_at=NOW)],
+                 worker="host:3:c")
+        q.record(conn, [q.Outcome(other_ids[0], SENT, 250, "ok", sent_at=NOW)], worker="x")
+        conn.execute(deliveries.update().where(deliveries.c.id == ids[0])
+                     .values(status=BOUNCED))  # bounced later: it was sent
+        # ties by name; failed and pending rows and other runs' rows are not counted
+        assert list(q.sent_by(conn, run.id).items()) == [
+            ("host:1:a", 2), ("host:2:b", 2), ("host:3:c", 1)]
+        q.record(conn, [q.Outcome(ids[6], SENT, 250, "ok", sent_at=NOW)], worker="host:3:c")
+        q.record(conn, [q.Outcome(ids[5], SENT, 250, "ok", sent_at=NOW)], worker="host:3:c")
+        assert list(q.sent_by(conn, run.id).items()) == [
+            ("host:3:c", 3), ("host:1:a", 2), ("host:2:b", 2)]
+
+
+@both_databases
+def test_suppression_digests_hold_one_digest_per_row_and_say_whether_any_is_erased(
+        store: Store) -> None:
+    from mailer.seen import digest
+
+    with store.engine.begin() as conn:
+        assert len(q.suppression_digests(conn)[0]) == 0
+        assert q.suppression_digests(conn)[1] is False
+        q.suppress(conn, "a@example.org", reason="unsubscribed", list_name="crowd")
+        q.suppress(conn, "a@example.org", reason="unsubscribed", list_name="news")
+        q.suppress(conn, "b@example.org", reason="hard_bounce")
+        table, erased = q.suppression_digests(conn)
+        assert len(table) == 3 and erased is False
+        assert len(table.places(digest("a@example.org"))) == 2
+        assert len(table.places(digest("b@example.org"))) == 1
+        assert table.places(digest("c@example.org")) == []
+        q.suppress(conn, q.hashed_key("gone@example.org"), reason="erased")
+        table, erased = q.suppression_digests(conn)
+        assert erased is True and table.places(digest(q.hashed_key("gone@example.org")))
+
+
+@both_databases
 def test_release_gives_back_the_attempt_of_rows_still_sending_only(store: Store) -> None:
     run, ids = ledger(store, people(4))
     with store.engine.begin() as conn:

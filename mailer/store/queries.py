@@ -468,7 +468,8 @@ def suppression_digests(conn: Connection) -> tuple[Seen, bool]:
     """A digest of every suppressed key (seen.py: about 25 bytes a row, however long the
     suppression list), and whether any key is an erased address's hash."""
     table, erased = Seen(), False
-    rows = conn.execution_options(yield_per=5000).execute(select(suppressions.c.email_key))
+    # On the statement, not the connection: a connection keeps its options for what follows.
+    rows = conn.execute(select(suppressions.c.email_key).execution_options(yield_per=5000))
     for (key,) in rows:
         table.add(digest(key), 0)
         erased = erased or key.startswith(HASH_PREFIX)
