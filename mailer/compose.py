@@ -127,10 +127,15 @@ def _file_param(param: str, name: str) -> str:
 def qp(text: str) -> bytes:
     """Quoted-printable (RFC 2045 §6.7) with CRLF line ends."""
     # b2a_qp copies the input's first line ending to its soft breaks: feed it bare LF only.
-    data = text.encode("utf-8")
-    if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    data = lf_only(text).encode("utf-8")
     return _fit_lines(binascii.b2a_qp(data, istext=True).replace(b"\n", CRLF))
+
+
+def lf_only(text: str) -> str:
+    """Every line end (CRLF, a lone CR) as LF, the one b2a_qp and the CRLF joins expect."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _fit_lines(encoded: bytes, *, last: int = 76) -> bytes:
@@ -175,7 +180,7 @@ class QPPieces:
 
     def __call__(self, pieces: Sequence[str]) -> bytes:
         if any("\r" in piece for piece in pieces):  # a CRLF may be split between two pieces
-            pieces = ["".join(pieces).replace("\r\n", "\n").replace("\r", "\n")]
+            pieces = [lf_only("".join(pieces))]
         memo = self._memo
         out: list[bytes] = []
         column = 0
@@ -352,7 +357,7 @@ def encoded_part(pieces: Sequence[str], mostly_ascii: bool,
     if mostly_ascii:
         return b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + encode_qp(pieces)
     # RFC 2045 §6.8: text is encoded in its canonical form, lines ending in CRLF.
-    text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+    text = lf_only("".join(pieces)).replace("\n", "\r\n")
     return b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(text.encode("utf-8"))
 
 
