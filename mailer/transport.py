@@ -1,4 +1,4 @@
-"""SMTP delivery: a pool of persistent aiosmtplib sessions, one rate limiter, reply classification.
+"""SMTP delivery: a pool of persistent sessions, one rate limiter, reply classification.
 
 The dispatcher sees only `Transport`: it hands over one `Outgoing` (one envelope recipient) and
 gets one `DeliveryResult` back. Replies never become exceptions here; the one exception that
@@ -28,6 +28,7 @@ import aiosmtplib
 from .config import SmtpSettings
 from .errors import AuthenticationFailure
 from .redact import redact_addresses
+from .smtp_session import SmtpSession
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,12 @@ class PoolStats:
 _UNSAFE_ADDRESS = re.compile(r'[\s<>"\x00-\x1f\x7f]')
 # Failures that mean "the session is gone" rather than a reply to this message.
 _CONNECTION_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+# The replies that let MAIL, RCPT and DATA go on (RFC 5321 §4.3.2; 251: "will forward").
+_ACCEPTED = ((250,), (250, 251), (354,))
+
+
+class _Extensions(Protocol):
+    def supports_extension(self, extension: str, /) -> bool: ...
 
 
 class SmtpPool:
@@ -199,7 +206,7 @@ class SmtpPool:
         self._sleep = sleep
         self._limiter = limiter or RateLimiter(settings, clock=clock, sleep=sleep)
         self._slots = asyncio.Semaphore(settings.pool_size)
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[SmtpSession] = []
         self._lost = 0
         self._closed = False
         self._cooldown_s = 0.0
@@ -257,7 +264,7 @@ class SmtpPool:
                 self._discard(smtp, lost=not keep)
         return result
 
-    def _take_idle(self) -> aiosmtplib.SMTP | None:
+    def _take_idle(self) -> SmtpSession | None:
         while self._idle:
             smtp = self._idle.pop()  # LIFO: the most recently used session is the likeliest alive
             if smtp.is_connected:
@@ -265,12 +272,12 @@ class SmtpPool:
             self._discard(smtp, lost=True)  # the server hung up while it sat idle
         return None
 
-    def _discard(self, smtp: aiosmtplib.SMTP, *, lost: bool) -> None:
+    def _discard(self, smtp: SmtpSession, *, lost: bool) -> None:
         smtp.close()
         if lost and not self._closed:
             self._lost += 1
 
-    async def _open(self) -> aiosmtplib.SMTP:
+    async def _open(self) -> SmtpSession:
         delay = self._cooldown_until - self._clock()
         if delay > 0:
             await self._sleep(delay)
@@ -303,6 +310,7 @@ class SmtpPool:
                         "to 'tls' for a relay on port 465, or use a relay that offers STARTTLS"
                     )
                 await self._login(smtp)
+            session = SmtpSession(smtp, timeout_s=self._settings.timeout_s)
         except _CONNECTION_ERRORS as exc:
             smtp.close()
             self._cool_down(epoch, _describe(exc))
@@ -314,7 +322,7 @@ class SmtpPool:
         if self._lost:
             self._lost -= 1
             self.stats.reconnects += 1
-        return smtp
+        return session
 
     async def _starttls(self, smtp: aiosmtplib.SMTP) -> None:
         # RFC 3207 §4: a client that requires TLS must not continue without it.
@@ -354,31 +362,50 @@ class SmtpPool:
                 code=exc.code,
             ) from None
 
-    async def _transaction(self, smtp: aiosmtplib.SMTP, msg: Outgoing) -> DeliveryResult:
-        """MAIL, RCPT, DATA for one recipient; refusals come back as results."""
-        params = _mail_parameters(smtp, msg)
+    async def _transaction(self, session: SmtpSession, msg: Outgoing) -> DeliveryResult:
+        """MAIL, RCPT, DATA for one recipient; refusals come back as results.
+
+        Where the relay offers PIPELINING (RFC 2920) the three commands go out in one write and
+        their replies are read in order; otherwise each waits for the reply to the one before.
+        """
+        params = _mail_parameters(session, msg)
         if isinstance(params, DeliveryResult):
             return params
         sender, recipient, options = params
-        # Commands go through execute_command rather than mail()/rcpt(): the addresses were
-        # checked once above, which saves aiosmtplib's per-call address parsing (hot path).
-        reply = await smtp.execute_command(b"MAIL", b"FROM:<" + sender + b">", *options)
-        if reply.code != 250:
-            # A refusal of MAIL FROM is about the sender: it never suppresses the recipient.
-            return _refused(msg, reply.code, reply.message, about_recipient=False)
-        reply = await smtp.execute_command(b"RCPT", b"TO:<" + recipient + b">")
-        if reply.code not in (250, 251):
-            return _refused(msg, reply.code, reply.message)
-        reply = await smtp.execute_command(b"DATA")
-        if reply.code != 354:
-            return _refused(msg, reply.code, reply.message)
-        # The body goes out through the protocol directly: aiosmtplib's data() runs two regex
-        # passes over every message (line endings, dot-stuffing), the largest client cost.
-        protocol = smtp.protocol
-        if protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost before the message body")
-        protocol.write(dot_stuffed(msg.data))
-        reply = await protocol.read_response(timeout=self._settings.timeout_s)
+        commands = (
+            b" ".join((b"MAIL FROM:<" + sender + b">", *options)) + b"\r\n",
+            b"RCPT TO:<" + recipient + b">\r\n",
+            b"DATA\r\n",
+        )
+        pipelined = session.pipelining
+        if pipelined:
+            session.write(b"".join(commands), len(commands))
+        refusal: DeliveryResult | None = None
+        for command, accepted in zip(commands, _ACCEPTED, strict=True):
+            if not pipelined:
+                session.write(command, 1)
+            try:
+                reply = await session.read()
+            except _CONNECTION_ERRORS:
+                if refusal is None:
+                    raise
+                session.close()  # the refusal stands; the session is not worth an RSET
+                return refusal
+            if reply.code not in accepted and refusal is None:
+                # A refusal of MAIL FROM is about the sender: it never suppresses the recipient.
+                refusal = _refused(msg, reply.code, reply.message,
+                                   about_recipient=command is not commands[0])
+                if not pipelined:
+                    return refusal
+        if refusal is not None:
+            if reply.code == 354:
+                # RFC 2920 §3.1: DATA was taken although MAIL or RCPT was not; an empty
+                # message ends it, and the relay refuses that for want of a recipient.
+                session.write(b".\r\n", 1)
+                await session.read()
+            return refusal
+        session.write(dot_stuffed(msg.data), 1)
+        reply = await session.read()
         if reply.code != 250:
             return _refused(msg, reply.code, reply.message)
         return DeliveryResult(msg.key, Outcome.SENT, reply.code, reply.message, False)
@@ -439,26 +466,22 @@ async def _greet(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
-async def _rset(smtp: aiosmtplib.SMTP) -> bool:
+async def _rset(session: SmtpSession) -> bool:
     """Abort a half-done transaction (RFC 5321 §4.1.1.5); False when the session is unusable."""
     try:
-        reply = await smtp.execute_command(b"RSET")
+        session.write(b"RSET\r\n", 1)
+        reply = await session.read()
     except _CONNECTION_ERRORS:
         return False
     return reply.code == 250
 
 
-async def _quit(smtp: aiosmtplib.SMTP) -> None:
-    try:
-        await smtp.quit(timeout=QUIT_TIMEOUT_S)
-    except _CONNECTION_ERRORS:
-        pass
-    finally:
-        smtp.close()
+async def _quit(session: SmtpSession) -> None:
+    await session.quit(QUIT_TIMEOUT_S)
 
 
 def _mail_parameters(
-    smtp: aiosmtplib.SMTP, msg: Outgoing
+    smtp: _Extensions, msg: Outgoing
 ) -> tuple[bytes, bytes, list[bytes]] | DeliveryResult:
     """Encoded envelope addresses and MAIL parameters, or a PERMANENT result saying why not."""
     for address in (msg.sender, msg.recipient):

@@ -106,6 +106,7 @@ class FaultServer:
         smtputf8: bool = True,  # offer SMTPUTF8 (RFC 6531)
         offer_auth: bool = True,  # offer AUTH (RFC 4954)
         offer_size: bool = True,  # offer SIZE (RFC 1870)
+        pipelining: bool = True,  # offer PIPELINING (RFC 2920); aiosmtpd reads commands in order
     ) -> None:
         self.faults = faults or Faults()
         self.host = "127.0.0.1"
@@ -124,6 +125,7 @@ class FaultServer:
         self._smtputf8 = smtputf8
         self._offer_auth = offer_auth
         self._offer_size = offer_size
+        self._pipelining = pipelining
         self._active: set[_TrackedSMTP] = set()
         self._server: asyncio.Server | None = None
 
@@ -195,6 +197,15 @@ class FaultServer:
         if given != expected and self.faults.auth_refusal is not None:
             return AuthResult(success=False, handled=False, message=self.faults.auth_refusal)
         return AuthResult(success=given == expected, handled=False)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self._pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
