@@ -11,6 +11,8 @@ debconf preseeded to "No configuration", and stops the postfix daemon. One `smtp
      a fresh SQLite ledger each time: messages/s over the whole process (start-up, validation,
      audience, ledger snapshot, sending, final counts) and over the send phase alone (from the
      "started run" line to the "run N: … sent" line). Ratio to smtp-source, target >= 0.5.
+     Beside each rate: CPU per message of the sender (its whole process tree) and of smtp-sink,
+     which shares the 2 cores: what the sink takes is not there for the sender.
   3. Peak RSS (/usr/bin/time -v, else VmHWM polled) of `mailer send` for 10,000 and 100,000
      recipients (target: flat, < 250 MB at 100,000), and the ledger cost: wall time of the
      100,000 run on SQLite and on PostgreSQL (a fresh database on 127.0.0.1:5432, dropped after).
@@ -23,9 +25,11 @@ import argparse
 import contextlib
 import os
 import re
+import resource
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -74,7 +78,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def smtp_sink(workdir: Path) -> Iterator[tuple[int, Path]]:
+def smtp_sink(workdir: Path) -> Iterator[tuple[int, Path, int]]:
     port = free_port()
     log = workdir / "sink.out"
     cmd = [SINK]
@@ -92,7 +96,7 @@ def smtp_sink(workdir: Path) -> Iterator[tuple[int, Path]]:
                 raise RuntimeError(f"smtp-sink did not start: {log.read_text(errors='replace')}")
             time.sleep(0.05)
         print(f"smtp-sink pid {proc.pid} on 127.0.0.1:{port}", flush=True)
-        yield port, log
+        yield port, log, proc.pid
     finally:
         proc.terminate()
         try:
@@ -110,18 +114,48 @@ def sink_messages(log: Path) -> int:
     return int(found[-1]) if found else 0
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a running process has used (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of every finished child process and their waited-for descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class CpuShare:
+    """CPU milliseconds per message: the sender's process tree and smtp-sink's."""
+
+    sender: list[float]
+    sink: list[float]
+
+    def fmt(self) -> str:
+        return (f"CPU per message: sender {statistics.median(self.sender):.3f} ms, "
+                f"smtp-sink {statistics.median(self.sink):.3f} ms")
+
+
 # --- smtp-source ----------------------------------------------------------------------------
 
 
-def smtp_source(port: int, sessions: int, n: int, reps: int) -> Stats:
+def smtp_source(port: int, sessions: int, n: int, reps: int,
+                sink_pid: int) -> tuple[Stats, CpuShare]:
     rates = []
+    cpu = CpuShare([], [])
     for _ in range(reps):
+        own, sink = children_cpu_s(), process_cpu_s(sink_pid)
         t0 = time.perf_counter()
         subprocess.run([SOURCE, "-d", "-s", str(sessions), "-m", str(n), "-l", str(MSG_SIZE),
                         f"127.0.0.1:{port}"], check=True, timeout=600,
                        stdout=subprocess.DEVNULL)
         rates.append(n / (time.perf_counter() - t0))
-    return Stats(rates)
+        cpu.sender.append((children_cpu_s() - own) * 1000 / n)
+        cpu.sink.append((process_cpu_s(sink_pid) - sink) * 1000 / n)
+    return Stats(rates), cpu
 
 
 # --- mailer send ----------------------------------------------------------------------------
@@ -268,22 +302,28 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True, timeout=60)
         variants.append((args.before[:10], tree))
     try:
-        with smtp_sink(work) as (port, sink_log):
+        with smtp_sink(work) as (port, sink_log, sink_pid):
             # 1 + 2: rates per session count, interleaved so noise hits both alike.
             rows = []
             for s in [] if args.skip_rates else sessions:
-                src = smtp_source(port, s, args.n, args.reps)
-                print(f"sessions {s:2}: smtp-source {src.fmt(' msg/s', digits=0)}", flush=True)
+                src, src_cpu = smtp_source(port, s, args.n, args.reps, sink_pid)
+                print(f"sessions {s:2}: smtp-source {src.fmt(' msg/s', digits=0)}; "
+                      f"{src_cpu.fmt()}", flush=True)
                 for workers in args.workers.split(","):
                     walls: dict[str, list[float]] = {name: [] for name, _ in variants}
                     sends: dict[str, list[float]] = {name: [] for name, _ in variants}
+                    cpus = {name: CpuShare([], []) for name, _ in variants}
                     for _ in range(args.reps):
                         for name, code in variants:  # interleaved: noise hits both alike
                             before = sink_messages(sink_log)
+                            own, sink = children_cpu_s(), process_cpu_s(sink_pid)
                             r = mailer_send(project(args.n), port=port, pool=s,
                                             db_url=db(f"s{s}"), timeout=max(120, args.n / 20),
                                             workers=workers, code=code)
+                            cpus[name].sender.append((children_cpu_s() - own) * 1000 / args.n)
                             time.sleep(0.3)
+                            cpus[name].sink.append(
+                                (process_cpu_s(sink_pid) - sink) * 1000 / args.n)
                             got = sink_messages(sink_log) - before
                             if r.sent != args.n or got < args.n:
                                 print(f"  WARNING: mailer reported {r.sent} sent, sink counted "
@@ -299,7 +339,8 @@ def main() -> None:
                               f"{sd.fmt(' msg/s', digits=0)}")
                         print(f"                            RATIO whole/source "
                               f"{w.median / src.median:.3f}, send phase/source "
-                              f"{sd.median / src.median:.3f}  (target >= 0.5)", flush=True)
+                              f"{sd.median / src.median:.3f}  (target >= 0.5)")
+                        print(f"                            {cpus[name].fmt()}", flush=True)
             print(f"\n{'sessions':>8} {'workers':>7} {'code':>10} {'smtp-source/s':>14} "
                   f"{'mailer/s':>9} {'send phase/s':>13} {'ratio':>6} {'ratio(send)':>11}")
             for s, workers, name, src, w, sd in rows:
