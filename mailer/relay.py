@@ -21,8 +21,6 @@ async def open_transport(settings: Settings, *, store: Store | None = None
 
     With `store`, the rate limits are the database's shared buckets (quota.py): totals across
     every process sending through that database."""
-    from .capture import CaptureServer
-
     smtp = settings.smtp
     limiter: Limiter | None = None
     if store is not None:
@@ -33,6 +31,8 @@ async def open_transport(settings: Settings, *, store: Store | None = None
         async with SmtpPool(smtp, limiter=limiter) as pool:
             yield pool
         return
+    from .capture import CaptureServer  # aiosmtpd: ~40 ms to import, needed only here
+
     async with CaptureServer(outbox=settings.outbox_dir) as server, SmtpPool(
         smtp, host=server.host, port=server.port, limiter=limiter
     ) as pool:

@@ -111,6 +111,10 @@ def revisions() -> list[str]:
     return [s.revision for s in reversed(list(script.walk_revisions()))]
 
 
+def test_the_head_revision_is_the_newest_migration_script() -> None:
+    assert revisions()[-1] == store_db.HEAD_REVISION
+
+
 @both_databases
 def test_every_migration_downgrades_and_upgrades_again(project: Project) -> None:
     store = open_store(project.settings().database_url)
