@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailer.audience import (
     LIST_MAX_BYTES,
@@ -22,6 +24,7 @@ from mailer.audience import (
     iter_audience,
     iter_list,
     load_list,
+    normalise_address,
 )
 from mailer.checks import check_campaign
 from mailer.errors import ListError
@@ -371,3 +374,66 @@ def test_suppressions_are_kept_as_digests_and_each_hit_is_confirmed_by_the_store
                              with_audience=False)
     got = [r.email for r in sending.audience(checked, settings, store)]
     assert got == [addresses[1], addresses[4], addresses[5]]
+
+
+# -- the address fast path ----------------------------------------------------------------------
+
+def _email_validator(raw: str) -> str | ValueError:
+    """What normalise_address said before its fast path: email_validator on every address."""
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        return validate_email(raw.strip(), check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        return ValueError(str(exc).rstrip("."))
+
+
+def _normalised(raw: str) -> str | ValueError:
+    try:
+        return normalise_address(raw)
+    except ValueError as exc:
+        return exc
+
+
+LOCALS = st.one_of(
+    st.sampled_from(["anna", "Anna.Schmidt", "a+tag", "o'brien", "x_y-z", "postmaster",
+                     "Info", "ABUSE", "WebMaster", "a..b", ".a", "a.", "", "a b", '"a b"',
+                     "ü", "jürgen", "e\u0301", "a" * 64, "a" * 65, "a" * 240, "a@b", "<a>",
+                     "a(b)", "a\\b", "{|}~"]),
+    st.text(alphabet="aZ09._-+!#$%&'*=?^`{|}~/\"() ü@", max_size=12),
+)
+DOMAINS = st.one_of(
+    st.sampled_from(["example.org", "EXAMPLE.org", "Web.Example.Org", "exa_mple.org",
+                     "-a.example.org", "a-.example.org", "a..example.org", "example.org.",
+                     ".example.org", "localhost", "example", "a.test", "a.invalid", "a.local",
+                     "a.onion", "123.456", "1.2.3.4", "[127.0.0.1]", "ex ample.org",
+                     "xn--mller-kva.example.org", "müller.example.org", "XN--MLLER-KVA.org",
+                     "a" * 63 + ".org", "a" * 64 + ".org", ("a" * 60 + ".") * 4 + "org",
+                     "example.org>", "b@example.org", "exämple.org", "example.o-g"]),
+    st.text(alphabet="aZ09.-_ü[]", max_size=12),
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(local=LOCALS, domain=DOMAINS, pad=st.sampled_from(["", " ", "\t"]))
+def test_the_address_fast_path_says_what_email_validator_says(local: str, domain: str,
+                                                               pad: str) -> None:
+    raw = f"{pad}{local}@{domain}{pad}"
+    # twice: once with the domain perhaps new to the cache, once with it known
+    assert _normalised(raw).__repr__() == _email_validator(raw).__repr__()
+    assert _normalised(raw).__repr__() == _email_validator(raw).__repr__()
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("Postmaster@Example.ORG", "postmaster@example.org"),  # RFC 2142 names are lowercased
+    ("Anna.Schmidt@Example.ORG", "Anna.Schmidt@example.org"),  # other local parts keep case
+    ("a@xn--mller-kva.example.org", "a@müller.example.org"),  # an IDN in its Unicode form
+])
+def test_addresses_are_normalised(raw: str, expected: str) -> None:
+    assert normalise_address(raw) == expected
+
+
+def test_an_address_over_254_octets_is_refused_at_a_known_domain() -> None:
+    normalise_address("short@example.org")  # the domain is now known
+    with pytest.raises(ValueError, match="too long"):
+        normalise_address("a" * 64 + "@" + ("b" * 60 + ".") * 3 + "example.org")
