@@ -45,6 +45,7 @@ log = logging.getLogger("mailer.dispatch")
 
 LEASE_S = 600.0  # a claim by another machine's worker older than this is abandoned
 IDLE_POLL_S = 1.0
+FIRST_IDLE_POLL_S = 0.05  # the first look at rows another worker holds; doubled up to IDLE_POLL_S
 MAX_BACKOFF_S = 6 * 3600.0
 
 
@@ -173,6 +174,7 @@ class Dispatcher:
         self._sent_now = 0
         self._started = 0
         self._run_id = 0
+        self._idle_polls = 0  # looks in a row at rows only other workers hold
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -205,6 +207,7 @@ class Dispatcher:
                 functools.partial(q.claim, run_id=run.id, worker=self.worker, limit=want,
                                   now=self.now()))
             if rows:
+                self._idle_polls = 0
                 # Only rows that reached `sent` or `failed` are done: a row put back for a
                 # retry is claimed (and counted) again later, so counting claims overshoots.
                 done += await self._send_batch(rows)
@@ -231,9 +234,11 @@ class Dispatcher:
         if counts["pending"] == 0 and counts["sending"] == 0:
             return False
         if counts["pending"] == 0:
-            # Rows another worker holds: wait, and take them over if it dies.
+            # Rows another worker holds: wait, and take them over if it dies. They are
+            # usually its last few transactions: look again soon, then less often.
             await self._tx(lambda c: self._recover(c, run_id))
-            delay = IDLE_POLL_S
+            delay = min(IDLE_POLL_S, FIRST_IDLE_POLL_S * 2 ** self._idle_polls)
+            self._idle_polls += 1
         else:
             due = await self._tx(lambda c: q.next_attempt(c, run_id))
             delay = max(0.0, (due - self.now()).total_seconds()) if due else 0.0

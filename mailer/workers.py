@@ -126,6 +126,16 @@ async def _watch(store: Store, run: q.Run, children: list[Any], progress: Progre
             if child.is_alive() and child.pid is not None:
                 os.kill(child.pid, sig)
 
+    # A worker's end wakes this loop at once (its sentinel becomes readable): the command
+    # ends when its last worker does, not at the next poll.
+    ended = asyncio.Event()
+
+    def on_end(sentinel: int) -> None:
+        loop.remove_reader(sentinel)
+        ended.set()
+
+    for child in children:
+        loop.add_reader(child.sentinel, on_end, child.sentinel)
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, pass_on, sig)
@@ -140,10 +150,14 @@ async def _watch(store: Store, run: q.Run, children: list[Any], progress: Progre
             progress.update(done=done, total=sum(counts.values()), note=note)
             if not any(child.is_alive() for child in children):
                 return
-            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), POLL_S)
+            ended.clear()
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+        for child in children:
+            loop.remove_reader(child.sentinel)
 
 
 def _stop_with(parent: int) -> None:

@@ -392,6 +392,36 @@ async def test_two_dispatchers_on_one_run_share_it_without_duplicates(project, f
     assert slow_server.messages  # both really worked on it
 
 
+async def test_a_dispatcher_looks_again_soon_at_rows_another_one_holds(
+        project, fault_server, monkeypatch):  # noqa: F811
+    """The one that finds every row taken waits for the other's last transactions: it looks
+    again within a fraction of a second, not after the long idle poll."""
+    from mailer import dispatch
+
+    monkeypatch.setattr(dispatch, "IDLE_POLL_S", 60.0)  # the old wait: every look a minute
+    addresses = project.crowd(30)
+    server = await fault_server(Faults(stall_s=0.02))
+    settings = project.settings(**env_for(server))
+    checked = check_campaign(project.root / "campaigns" / "crowd.yaml", settings)
+    store = open_store(settings.database_url)
+    plan = plan_run(checked, settings, store, again=False, retry_failed=False)
+    assert plan.run is not None
+    other_store = open_store(settings.database_url)
+    loop = asyncio.get_running_loop()
+    ended: list[float] = []
+
+    async def deliver(store: Store, transport: SmtpPool) -> None:
+        await deliver_run(settings, store, checked.rendition, plan.run, transport=transport)
+        ended.append(loop.time())
+
+    async with SmtpPool(settings.smtp) as one, SmtpPool(settings.smtp) as two:
+        await asyncio.wait_for(asyncio.gather(deliver(store, one), deliver(other_store, two)),
+                               30)
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(addresses)
+    # Before: the waiting one slept its poll out (capped at 5 s) after the other had finished.
+    assert ended[1] - ended[0] < 2.0
+
+
 @both_databases
 def test_a_bad_row_late_in_a_list_leaves_no_half_written_run(project: Project) -> None:
     rows = ["email,name"] + [f"p{i}@example.org,P{i}" for i in range(5000)] + ["broken@,X"]

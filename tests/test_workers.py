@@ -190,3 +190,37 @@ async def test_a_standby_scheduler_sends_the_leaders_run_beside_it(project: Proj
     assert len(outbox(settings)) == 600  # each once
     by_worker = workers_of(project)
     assert len(by_worker) == 2 and min(by_worker.values()) > 30, by_worker
+
+
+def _exit_after(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+async def test_the_command_ends_when_its_last_worker_does_not_at_the_next_poll(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+    from datetime import UTC
+
+    from mailer import workers
+    from mailer.audience import Recipient
+    from mailer.dispatch import NoProgress, start_run
+
+    monkeypatch.setattr(workers, "POLL_S", 60.0)  # a poll would come far too late
+    store = open_store(project.settings().database_url)
+    run, _ = start_run(store, campaign_id="c", occurrence="1", trigger="send",
+                       recipients=[Recipient(email="a@example.org", list="crowd")])
+    store.engine.dispose()
+    context = multiprocessing.get_context("fork")
+    kids = [context.Process(target=_exit_after, args=(s,)) for s in (0.2, 0.5)]
+    for kid in kids:
+        kid.start()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(workers._watch(store, run, kids, NoProgress(), tz=UTC), 20)
+    assert loop.time() - started < 10  # the poll would have taken 60 s
+    assert not any(kid.is_alive() for kid in kids)
+    for kid in kids:
+        kid.join()
+
