@@ -290,6 +290,8 @@ class Composer:
         )
 
     def compose(self, recipient: Recipient, *, message_id: str) -> Composed:
+        """The message. Every line of it ends in CRLF and it holds no other CR or LF, whatever
+        the recipient's data or the campaign's text: the transport relies on it."""
         lr = self.rendition.for_language(recipient.language)
         links = self.links(recipient, lr.lang)
         body = personalise_pieces(lr, recipient, links)

@@ -308,7 +308,8 @@ class Dispatcher:
             return True
         try:
             result = await self.transport.send(Outgoing(
-                key=row.id, sender=self._return_path(row.id), recipient=row.email, data=data))
+                key=row.id, sender=self._return_path(row.id), recipient=row.email, data=data,
+                crlf_only=True))
         except AuthenticationFailure as exc:
             self._auth_error = exc
             self.stop.set()

@@ -575,3 +575,51 @@ def test_an_ascii_word_too_long_to_fold_is_encoded() -> None:
         header = encode_header("Subject", long).decode("ascii")
         assert header.startswith("Subject: =?utf-8?q?")
         assert all(len(line) <= 76 for line in header.split("\r\n"))
+
+
+# --- the transport trusts the composer's line ends (Outgoing.crlf_only) ----------------------
+
+HOSTILE_CAMPAIGN = """\
+template: newsletter
+audience: {lists: [partners]}
+content:
+  de:
+    subject: "Hallo {{ recipient.name }} . RCPT TO:<x@example.org>"
+    preheader: "Vorab . mit {{ recipient.organisation }}"
+    blocks:
+      - heading: ". Hallo {{ recipient.name }}"
+      - text: ".Zeile mit Punkt\\r\\n.\\r\\n{{ recipient.organisation }}\\n.\\nEnde\\rCR"
+  ar:
+    subject: "مرحبا {{ recipient.name }}"
+    blocks:
+      - text: "أهلا وسهلا {{ recipient.organisation }}\\r\\n.\\r\\nنهاية\\r"
+"""
+HOSTILE = st.lists(st.sampled_from(
+    ["\r", "\n", "\r\n", ".", "\r\n.\r\n", "\n.\n", "\x00", "\x0b", "\u2028", "\u0085", " ",
+     "a", "ü", "ش", "=", "<", ">", '"', "\t", "😀", "x" * 80]), max_size=30).map("".join)
+
+
+def test_a_composed_message_has_crlf_line_ends_and_no_other_cr_or_lf(
+        project: Project, tmp_path: Path) -> None:
+    """Whatever the recipient's data and the campaign's text hold (DKIM-signed: the signature
+    is part of the message), so the transport may skip its check (Outgoing.crlf_only)."""
+    from mailer.transport import dot_stuffed
+
+    dkim_key(project, tmp_path)
+    project.campaign("hostile.yaml", HOSTILE_CAMPAIGN)
+    settings_ = project.settings()
+    checked = check_campaign(settings_.campaigns_dir / "hostile.yaml", settings_,
+                             with_audience=False)
+    composer = Composer(checked.rendition, settings_, tokens=Tokens(settings_.secret()))
+
+    @settings(max_examples=150, deadline=None)
+    @given(name=HOSTILE, note=HOSTILE, lang=st.sampled_from(["de", "ar"]))
+    def check(name: str, note: str, lang: str) -> None:
+        person = Recipient("zoe@example.org", name, lang, fields={"organisation": note},
+                           list="partners")
+        data = composer.compose(person, message_id="<h@imag.example.org>").data
+        assert data.startswith(b"DKIM-Signature:")
+        assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
+        assert dot_stuffed(data, crlf_only=True) == dot_stuffed(data)
+
+    check()

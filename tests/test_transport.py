@@ -481,6 +481,17 @@ def test_embedded_host_needs_an_address() -> None:
 )
 def test_dot_stuffed(data: bytes, wire: bytes) -> None:
     assert dot_stuffed(data) == wire
+    if data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
+        # What the composer vouches for (Outgoing.crlf_only) needs no check: same wire.
+        assert dot_stuffed(data, crlf_only=True) == wire
+
+
+async def test_a_message_not_vouched_for_gets_its_line_ends_fixed(fault_server) -> None:
+    server = await fault_server()
+    async with pool_for(server) as pool:
+        result = await pool.send(outgoing("a@example.org", data=BODY.replace(b"\r\n", b"\n")))
+    assert result.outcome is Outcome.SENT
+    assert server.messages[0].content == BODY
 
 
 # -- envelope and MAIL parameters -------------------------------------------------------------
