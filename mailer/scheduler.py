@@ -133,7 +133,8 @@ async def fire(campaign_id: str, config_path: str, *, run_times: Sequence[dateti
     """
     if runner is None:
         settings = load_settings(config_path)
-        runner = Runner(settings=settings, store=open_store(settings.database_url),
+        runner = Runner(settings=settings,
+                        store=open_store(settings.database_url, var_dir=settings.var_dir),
                         config_path=config_path)  # its fire loads the campaign files
     await runner.fire(campaign_id, run_times or [runner.now()])
 
@@ -460,7 +461,7 @@ async def serve(settings: Settings, config_path: str, *, once: bool = False, now
 
     With `once`, the code is 1 when a campaign file did not validate (the others still fired);
     `on_invalid` hears of each such file with its one-sentence error."""
-    store = store or open_store(settings.database_url)
+    store = store or open_store(settings.database_url, var_dir=settings.var_dir)
     runner = Runner(settings=settings, store=store, config_path=config_path, now=now,
                     stop=stop or asyncio.Event())
     leader = leader_for(store, settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -95,5 +96,25 @@ def test_existing_world_readable_var_is_tightened(project: Project) -> None:
     db = var / "mailer.db"
     db.touch()
     db.chmod(0o644)
-    open_store(project.settings().database_url).dispose()
+    settings = project.settings()
+    open_store(settings.database_url, var_dir=settings.var_dir).dispose()
     assert var.stat().st_mode & 0o777 == 0o700 and db.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o1777])
+def test_a_database_in_a_folder_of_the_administrators_leaves_the_folder_alone(
+        tmp_path: Path, mode: int) -> None:
+    """A shared folder (/tmp, /srv, a home directory) keeps its mode: once a database at
+    /tmp/x.db made /tmp 0700, and every other user's program lost /tmp."""
+    from mailer.store import open_store
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    db = shared / "mailer.db"
+    open_store(f"sqlite:///{db}", var_dir=tmp_path / "var").dispose()
+    assert stat.S_IMODE(shared.stat().st_mode) == mode
+    assert db.stat().st_mode & 0o777 == 0o600
+    new = tmp_path / "new" / "mailer.db"  # a folder it makes itself is private
+    open_store(f"sqlite:///{new}").dispose()
+    assert new.parent.stat().st_mode & 0o777 == 0o700

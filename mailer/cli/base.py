@@ -73,7 +73,7 @@ class Ctx:
         command that needs no database does not load SQLAlchemy)."""
         from ..store import open_store
 
-        return open_store(self.settings.database_url)
+        return open_store(self.settings.database_url, var_dir=self.settings.var_dir)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

@@ -46,7 +46,7 @@ def create_app(
     opening the configured one for the app's lifetime; the caller then closes it."""
     web = Web(
         settings=settings,
-        store=store or open_store(settings.database_url),
+        store=store or open_store(settings.database_url, var_dir=settings.var_dir),
         tokens=Tokens(settings.secret()),
         csrf=Csrf(settings.secret(), secure=settings.base_url.startswith("https://")),
         ip_limit=SlidingWindow(limit=ip_limit, window_s=ip_window_s),
