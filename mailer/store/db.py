@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,30 @@ class Store:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
     # WAL: readers never block the writer; NORMAL is durable across process crashes in WAL
     # mode (only an OS crash can lose the last commits).
-    cur.execute("PRAGMA journal_mode=WAL")
+    _wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _wal(cur: Any, *, patience_s: float = 30.0) -> None:
+    """Switch a new database file to WAL. Processes opening it at the same moment each try; the
+    switch needs the file to themselves, and SQLite refuses it at once, without waiting, while
+    another holds a lock (seen with four processes starting together). So: try again."""
+    import sqlite3
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def sqlite_file(url: str) -> Path | None:
