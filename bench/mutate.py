@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 # module name -> (its files, the tests that exercise them)
 CORE: dict[str, tuple[list[str], list[str]]] = {
     "dispatch": (["mailer/dispatch.py"], ["tests/test_dispatch.py"]),
-    "transport": (["mailer/transport.py"], ["tests/test_transport.py"]),
+    "transport": (["mailer/transport.py", "mailer/smtp_session.py"],
+                  ["tests/test_transport.py", "tests/test_smtp_session.py"]),
     "compose": (["mailer/compose.py"], ["tests/test_compose.py", "tests/test_calendar.py",
                                         "tests/test_trust_privacy.py"]),
     # Only the tests that pin the module's own promises: a scheduler test reaching a trigger
