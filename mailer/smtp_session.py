@@ -18,6 +18,7 @@ import aiosmtplib
 # aiosmtplib's bounds: a line, and a whole reply with its continuation lines.
 MAX_LINE_LENGTH = 8192
 MAX_REPLY_LENGTH = MAX_LINE_LENGTH * 4
+LOST = "the connection was lost"
 
 
 class Reply(NamedTuple):
@@ -28,10 +29,10 @@ class Reply(NamedTuple):
 class SmtpSession(asyncio.Protocol):
     """The transport of a handshaken aiosmtplib client, now driven by this protocol."""
 
-    def __init__(self, smtp: aiosmtplib.SMTP, *, timeout_s: float | None) -> None:
+    def __init__(self, smtp: aiosmtplib.SMTP, *, timeout_s: float) -> None:
         transport = smtp.transport
-        if transport is None or transport.is_closing():
-            raise aiosmtplib.SMTPServerDisconnected("connection lost after the handshake")
+        if transport is None:
+            raise aiosmtplib.SMTPServerDisconnected("the relay closed the connection")
         self._extensions = frozenset(smtp.esmtp_extensions)
         self.pipelining = "pipelining" in self._extensions
         self._timeout_s = timeout_s
@@ -41,10 +42,8 @@ class SmtpSession(asyncio.Protocol):
         self._owed = 0  # replies the server still owes for commands written
         self._waiter: asyncio.Future[None] | None = None
         self._error: aiosmtplib.SMTPException | None = None
-        # aiosmtplib lets go of the connection without closing it; from here on its events
-        # (data, EOF, loss) come to this object.
-        smtp.transport = None
-        smtp.protocol = None
+        # From here on the connection's events (data, EOF, loss) come to this object; the
+        # aiosmtplib client is dropped without closing it.
         self._transport: asyncio.Transport = transport  # type: ignore[assignment]
         transport.set_protocol(self)
 
@@ -60,7 +59,7 @@ class SmtpSession(asyncio.Protocol):
         if self._error is not None:
             raise self._error
         if self._transport.is_closing():
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            raise aiosmtplib.SMTPServerDisconnected(LOST)
         self._owed += replies
         self._transport.write(data)
 
@@ -71,21 +70,19 @@ class SmtpSession(asyncio.Protocol):
         if self._error is not None:
             raise self._error
         waiter = self._waiter = self._loop.create_future()
-        timeout_s = self._timeout_s if timeout_s is None else timeout_s
-        timer = None if timeout_s is None else self._loop.call_later(timeout_s, self._expire)
+        wait_s = self._timeout_s if timeout_s is None else timeout_s
+        timer = self._loop.call_later(wait_s, self._expire, wait_s)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
         if self._replies:
             return self._replies.popleft()
-        raise self._error or aiosmtplib.SMTPServerDisconnected("Connection lost")
+        raise self._error or aiosmtplib.SMTPServerDisconnected(LOST)
 
     def close(self) -> None:
-        self._transport.close()
-        self._fail(aiosmtplib.SMTPServerDisconnected("Connection closed"))
+        self._transport.close()  # connection_lost follows and fails what still waits
 
     async def quit(self, timeout_s: float) -> None:
         try:
@@ -117,14 +114,11 @@ class SmtpSession(asyncio.Protocol):
             self._wake()
 
     def eof_received(self) -> bool:
-        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        self._fail(aiosmtplib.SMTPServerDisconnected("the relay closed the connection"))
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        error = aiosmtplib.SMTPServerDisconnected("Connection lost")
-        if exc is not None:
-            error.__cause__ = exc
-        self._fail(error)
+        self._fail(aiosmtplib.SMTPServerDisconnected(f"{LOST} ({exc})" if exc else LOST))
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -161,9 +155,9 @@ class SmtpSession(asyncio.Protocol):
         if len(buffer) > MAX_REPLY_LENGTH:
             raise _malformed("reply too long")
 
-    def _expire(self) -> None:
+    def _expire(self, wait_s: float) -> None:
         # The session is done: a reply arriving late would answer the wrong command.
-        self._fail(aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"))
+        self._fail(aiosmtplib.SMTPReadTimeoutError(f"no reply from the relay within {wait_s:g} s"))
 
     def _fail(self, error: aiosmtplib.SMTPException) -> None:
         if self._error is None:

@@ -7,11 +7,14 @@ test says: all replies in one packet, one byte at a time, out of step, or not at
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from mailer.smtp_session import MAX_LINE_LENGTH, MAX_REPLY_LENGTH
 from mailer.transport import Outcome, Outgoing, SmtpPool
 from tests import smtpd
 from tests.smtpd import Faults
@@ -86,20 +89,19 @@ async def read_body(reader: asyncio.StreamReader) -> bytes:
 
 
 async def serve_messages(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A pipelining relay that takes every message, replies in one packet per group."""
-    while True:
-        line = await reader.readline()
-        if not line or line == b"QUIT\r\n":
-            writer.write(b"221 bye\r\n")
-            return
-        if line == b"RSET\r\n":
-            writer.write(b"250 reset\r\n")
+    """A relay that takes every message, answering each command as it comes."""
+    replies = {b"MAIL": b"250 sender ok\r\n", b"RCPT": b"250 recipient ok\r\n",
+               b"RSET": b"250 reset\r\n", b"QUIT": b"221 bye\r\n"}
+    while line := await reader.readline():
+        verb = line[:4]
+        if verb == b"DATA":
+            writer.write(b"354 go on\r\n")
+            await read_body(reader)
+            writer.write(b"250 2.0.0 queued\r\n")
             continue
-        rest = await read_commands(reader, 2)
-        assert rest[1] == b"DATA\r\n"
-        writer.write(b"250 sender ok\r\n250 recipient ok\r\n354 go on\r\n")
-        await read_body(reader)
-        writer.write(b"250 2.0.0 queued\r\n")
+        writer.write(replies[verb])
+        if verb == b"QUIT":
+            return
 
 
 # -- the commands go out as one group ---------------------------------------------------------
@@ -344,4 +346,163 @@ async def test_a_reply_that_never_comes_times_out_and_the_late_one_is_not_paired
         after = await pool.send(outgoing("b@example.org", key=2))
     assert (late.outcome, late.code) == (Outcome.TEMPORARY, None)
     assert late.text.startswith("timed out")
+    assert after.outcome is Outcome.SENT and server.connections == 2
+
+
+# -- what a broken session says, and what stays open ------------------------------------------
+
+async def test_a_hang_up_mid_group_says_the_relay_closed_the_connection(relay) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_commands(reader, 3)
+        writer.write(b"250 ok\r\n")
+        await writer.drain()  # and nothing more: the relay hangs up
+
+    server = await relay(script)
+    async with server.pool() as pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert (result.outcome, result.code, result.text) == (
+        Outcome.TEMPORARY, None, "connection failed: the relay closed the connection")
+
+
+async def test_a_reset_connection_says_so_with_the_reason(relay) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_commands(reader, 3)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    server = await relay(script)
+    async with server.pool() as pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert (result.outcome, result.code) == (Outcome.TEMPORARY, None)
+    assert result.text in (
+        "connection failed: the connection was lost ([Errno 104] Connection reset by peer)",
+        "connection failed: the relay closed the connection")  # if the RST came as an EOF
+
+
+async def test_a_timeout_says_how_long_it_waited(relay) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_commands(reader, 3)
+        await asyncio.sleep(1)
+
+    server = await relay(script)
+    async with server.pool(timeout_s=0.25) as pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert result.text == "timed out: no reply from the relay within 0.25 s"
+
+
+async def test_a_session_idle_longer_than_the_timeout_is_used_again(relay) -> None:
+    """Each reply's timer ends with its reply: a session that waits between messages is fine."""
+    server = await relay(serve_messages)
+    async with server.pool(timeout_s=0.2) as pool:
+        first = await pool.send(outgoing("a@example.org"))
+        await asyncio.sleep(0.5)
+        second = await pool.send(outgoing("b@example.org"))
+    assert (first.outcome, second.outcome) == (Outcome.SENT, Outcome.SENT)
+    assert server.connections == 1
+
+
+async def test_quit_waits_two_seconds_at_most_whatever_the_timeout(relay) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_commands(reader, 3)
+        writer.write(b"250 ok\r\n250 ok\r\n354 go on\r\n")
+        await read_body(reader)
+        writer.write(b"250 queued\r\n")
+        await reader.readline()  # QUIT, never answered
+        await asyncio.sleep(30)
+
+    server = await relay(script)
+    pool = server.pool(timeout_s=30)
+    assert (await pool.send(outgoing("a@example.org"))).outcome is Outcome.SENT
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(pool.aclose(), 15)
+    assert loop.time() - started < 10  # QUIT_TIMEOUT_S (2 s), not the 30 s of a reply
+
+
+@pytest.mark.parametrize(("pipelining", "refused"), [(True, False), (True, True),
+                                                      (False, False)],
+                         ids=["pipelined", "pipelined-refusal", "one-by-one"])
+async def test_every_reply_is_owed_exactly_once(relay, pipelining: bool, refused: bool) -> None:
+    """After a transaction (and its RSET, and the dot that ends a wrongly taken DATA) nothing
+    is owed: one reply more ends the session."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if server.connections > 1:
+            await serve_messages(reader, writer)
+            return
+        if pipelining:
+            await read_commands(reader, 3)
+            writer.write(b"250 ok\r\n" + (b"550 5.1.1 gone\r\n" if refused else b"250 ok\r\n")
+                         + b"354 go on\r\n")
+        else:
+            for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go on\r\n"):
+                await reader.readline()
+                writer.write(reply)
+        if refused:
+            assert await reader.readline() == b".\r\n"
+            writer.write(b"554 no valid recipients\r\n")
+            assert await reader.readline() == b"RSET\r\n"
+            writer.write(b"250 reset\r\n")
+        else:
+            await read_body(reader)
+            writer.write(b"250 queued\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"250 one too many\r\n")
+        await asyncio.sleep(1)
+
+    server = await relay(script, ehlo=EHLO_PIPELINING if pipelining else EHLO_PLAIN)
+    async with server.pool() as pool:
+        first = await pool.send(outgoing("a@example.org", key=1))
+        await asyncio.sleep(0.3)
+        after = await pool.send(outgoing("b@example.org", key=2))
+    assert not server.errors
+    assert first.outcome is (Outcome.PERMANENT if refused else Outcome.SENT)
+    assert after.outcome is Outcome.SENT and server.connections == 2
+
+
+@pytest.mark.parametrize("replies", [
+    b"250\r\n250\r\n354\r\n",  # codes without text
+    b"250 ok\n250 ok\n354 go on\n",  # bare LF line ends
+    b"250-first\r\n250-" + b"m" * (MAX_LINE_LENGTH - 6) + b"\r\n250 last\r\n250 ok\r\n354 go\r\n",
+], ids=["code-only", "bare-lf", "longest-line"])
+async def test_replies_of_every_allowed_shape_are_read(relay, replies: bytes) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_commands(reader, 3)
+        writer.write(replies)
+        await read_body(reader)
+        writer.write(b"250 X queued as X1X\r\n")
+        await serve_messages(reader, writer)
+
+    server = await relay(script)
+    async with server.pool() as pool:
+        result = await pool.send(outgoing("a@example.org"))
+    assert not server.errors
+    assert (result.outcome, result.text) == (Outcome.SENT, "X queued as X1X")
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(("replies", "reason"), [
+    (b"250 ok\r\nABC fine\r\n354 go\r\n", "malformed reply line"),
+    (b"250 ok\r\n250-" + b"m" * (MAX_LINE_LENGTH - 5) + b"\r\n250 ok\r\n354 go\r\n",
+     "reply line too long"),
+    (b"y" * (MAX_REPLY_LENGTH + 1), "reply too long"),  # no line end at all
+], ids=["letters-for-a-code", "line-one-too-long", "no-line-end-at-all"])
+async def test_replies_out_of_shape_end_the_session(relay, replies: bytes, reason: str) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if server.connections > 1:
+            await serve_messages(reader, writer)
+            return
+        await read_commands(reader, 3)
+        writer.write(replies)
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    server = await relay(script)
+    async with server.pool(timeout_s=3) as pool:
+        broken = await pool.send(outgoing("a@example.org"))
+        after = await pool.send(outgoing("b@example.org"))
+    assert broken.text == f"connection failed: the relay broke the protocol: {reason}" or (
+        reason == "malformed reply line" and broken.text.startswith(
+            f"connection failed: the relay broke the protocol: {reason} b'ABC fine"))
     assert after.outcome is Outcome.SENT and server.connections == 2
