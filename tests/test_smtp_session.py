@@ -462,7 +462,7 @@ async def test_every_reply_is_owed_exactly_once(relay, pipelining: bool, refused
 
 
 @pytest.mark.parametrize("replies", [
-    b"250\r\n250\r\n354\r\n",  # codes without text
+    b"250\r\n250\n354\r\n",  # codes without text, one with a bare LF
     b"250 ok\n250 ok\n354 go on\n",  # bare LF line ends
     b"250-first\r\n250-" + b"m" * (MAX_LINE_LENGTH - 6) + b"\r\n250 last\r\n250 ok\r\n354 go\r\n",
 ], ids=["code-only", "bare-lf", "longest-line"])
