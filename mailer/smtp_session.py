@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import NamedTuple
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse
 
 # aiosmtplib's bounds: a line, and a whole reply with its continuation lines.
 MAX_LINE_LENGTH = 8192
 MAX_REPLY_LENGTH = MAX_LINE_LENGTH * 4
 LOST = "the connection was lost"
-
-
-class Reply(NamedTuple):
-    code: int
-    message: str
 
 
 class SmtpSession(asyncio.Protocol):
@@ -38,7 +33,7 @@ class SmtpSession(asyncio.Protocol):
         self._timeout_s = timeout_s
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
-        self._replies: deque[Reply] = deque()
+        self._replies: deque[SMTPResponse] = deque()
         self._owed = 0  # replies the server still owes for commands written
         self._waiter: asyncio.Future[None] | None = None
         self._error: aiosmtplib.SMTPException | None = None
@@ -63,7 +58,7 @@ class SmtpSession(asyncio.Protocol):
         self._owed += replies
         self._transport.write(data)
 
-    async def read(self, timeout_s: float | None = None) -> Reply:
+    async def read(self, timeout_s: float | None = None) -> SMTPResponse:
         """The next reply, in the order the commands were written."""
         if self._replies:
             return self._replies.popleft()
@@ -142,7 +137,7 @@ class SmtpSession(asyncio.Protocol):
             if self._owed == 0:
                 raise _malformed(f"a reply nobody asked for: {line[:80]!r}")
             self._owed -= 1
-            reply = Reply(int(code), "\n".join(lines))
+            reply = SMTPResponse(int(code), "\n".join(lines))
             self._replies.append(reply)
             lines = []
             start = offset

@@ -238,13 +238,13 @@ class SmtpPool:
         """QUIT the idle sessions; sessions still in use are closed when their send ends."""
         self._closed = True
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(_quit(smtp) for smtp in idle))
+        await asyncio.gather(*(session.quit(QUIT_TIMEOUT_S) for session in idle))
 
     async def _send_in_slot(self, msg: Outgoing) -> DeliveryResult:
         try:
-            smtp = self._take_idle()
-            if smtp is None:
-                smtp = await self._open()
+            session = self._take_idle()
+            if session is None:
+                session = await self._open()
         except AuthenticationFailure:
             raise  # the run stops: no later message could log in either
         except _CONNECTION_ERRORS as exc:
@@ -255,29 +255,29 @@ class SmtpPool:
         keep = False
         epoch = self._epoch
         try:
-            result = await self._transaction(smtp, msg)
+            result = await self._transaction(session, msg)
             if result.code == 421:  # RFC 5321 §3.8: the service is closing the channel
                 self._cool_down(epoch, result.text)
-            keep = smtp.is_connected and (result.outcome is Outcome.SENT or await _rset(smtp))
+            keep = session.is_connected and (result.outcome is Outcome.SENT or await _rset(session))
         except _CONNECTION_ERRORS as exc:
             result = _failure(msg, exc)
         finally:
             if keep and not self._closed:
-                self._idle.append(smtp)
+                self._idle.append(session)
             else:
-                self._discard(smtp, lost=not keep)
+                self._discard(session, lost=not keep)
         return result
 
     def _take_idle(self) -> SmtpSession | None:
         while self._idle:
-            smtp = self._idle.pop()  # LIFO: the most recently used session is the likeliest alive
-            if smtp.is_connected:
-                return smtp
-            self._discard(smtp, lost=True)  # the server hung up while it sat idle
+            session = self._idle.pop()  # LIFO: the most recently used is the likeliest alive
+            if session.is_connected:
+                return session
+            self._discard(session, lost=True)  # the server hung up while it sat idle
         return None
 
-    def _discard(self, smtp: SmtpSession, *, lost: bool) -> None:
-        smtp.close()
+    def _discard(self, session: SmtpSession, *, lost: bool) -> None:
+        session.close()
         if lost and not self._closed:
             self._lost += 1
 
@@ -480,10 +480,6 @@ async def _rset(session: SmtpSession) -> bool:
     except _CONNECTION_ERRORS:
         return False
     return reply.code == 250
-
-
-async def _quit(session: SmtpSession) -> None:
-    await session.quit(QUIT_TIMEOUT_S)
 
 
 def _mail_parameters(

@@ -119,7 +119,7 @@ def test_the_head_revision_is_the_newest_migration_script() -> None:
 def test_every_migration_downgrades_and_upgrades_again(project: Project) -> None:
     store = open_store(project.settings().database_url)
     order = revisions()
-    assert order[:2] == ["0001", "0002"] and order[-1] == store_db.head_revision()
+    assert order[:2] == ["0001", "0002"] and order[-1] == store_db.HEAD_REVISION
     at_head = tables(store)
     steps: dict[str, set[str]] = {}
     for revision in reversed(order):  # head down to nothing, one migration at a time

@@ -121,10 +121,6 @@ def _config() -> Any:
 HEAD_REVISION = "0005"
 
 
-def head_revision() -> str:
-    return HEAD_REVISION
-
-
 def at_head(engine: Engine) -> bool:
     """Is this database's schema the newest? One query on alembic's version table."""
     with engine.connect() as conn:
