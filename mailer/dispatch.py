@@ -363,7 +363,7 @@ class Dispatcher:
     def _recover(self, conn: Connection, run_id: int) -> int:
         now = self.now()
         live = set(self.store.workers)
-        stale = [i for i, by, at in q.stuck_sending(conn, run_id)
+        stale = [(i, by) for i, by, at in q.stuck_sending(conn, run_id)
                  if is_stale(by, at, now, me=self.worker, live=live)]
         count = q.requeue(conn, stale)
         if count:

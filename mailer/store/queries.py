@@ -310,16 +310,24 @@ def stuck_sending(conn: Connection, run_id: int) -> list[tuple[int, str | None, 
     return [(r[0], r[1], as_utc(r[2])) for r in rows]
 
 
-def requeue(conn: Connection, ids: Sequence[int]) -> int:
-    """Rows caught 'sending' by a dead worker are retried (they may have gone out: counted)."""
-    if not ids:
-        return 0
+def requeue(conn: Connection, rows: Sequence[tuple[int, str | None]]) -> int:
+    """Rows caught 'sending' by a dead worker, as (id, that worker), are retried (they may have
+    gone out: counted). Each only while that worker still holds it: the list was read before
+    this write, and a live worker may have claimed the row since (two workers recovering at
+    once, the first already sending what it requeued) - it must not be sent twice."""
     d = deliveries
-    result = conn.execute(
-        update(d).where(d.c.id.in_(list(ids)), d.c.status == DeliveryStatus.SENDING)
-        .values(status=DeliveryStatus.PENDING, claimed_by=None, next_attempt_at=None)
-    )
-    return int(result.rowcount)
+    by_worker: dict[str | None, list[int]] = {}
+    for delivery_id, worker in rows:
+        by_worker.setdefault(worker, []).append(delivery_id)
+    count = 0
+    for worker, ids in by_worker.items():
+        held = d.c.claimed_by.is_(None) if worker is None else d.c.claimed_by == worker
+        result = conn.execute(
+            update(d).where(d.c.id.in_(ids), d.c.status == DeliveryStatus.SENDING, held)
+            .values(status=DeliveryStatus.PENDING, claimed_by=None, next_attempt_at=None)
+        )
+        count += int(result.rowcount)
+    return count
 
 
 def next_attempt(conn: Connection, run_id: int) -> datetime | None:
