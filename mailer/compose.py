@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 import time
 import urllib.parse
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime, formataddr
 from pathlib import Path
+
+import markupsafe
 
 from .audience import Recipient
 from .config import Settings
@@ -175,19 +178,24 @@ class QPPieces:
     """
 
     def __init__(self, static: Iterable[str] = ()) -> None:
-        # piece -> (its encoding, length of its first line, of its last line or -1 if one)
-        self._memo = {piece: _encode_piece(piece) for piece in static if piece}
+        # piece -> (its encoding, length of its first line, of its last line or -1 if one);
+        # a piece with a CR is never looked up (see __call__)
+        self._memo = {piece: _encode_piece(piece) for piece in static
+                      if piece and "\r" not in piece}
 
     def __call__(self, pieces: Sequence[str]) -> bytes:
-        if any("\r" in piece for piece in pieces):  # a CRLF may be split between two pieces
-            pieces = [lf_only("".join(pieces))]
-        memo = self._memo
+        get = self._memo.get
         out: list[bytes] = []
         column = 0
         for piece in pieces:
-            if not piece:
-                continue
-            encoded, first, last = memo.get(piece) or _encode_piece(piece)
+            known = get(piece)
+            if known is None:
+                if "\r" in piece:  # a CRLF may be split between two pieces: encode them whole
+                    return self([lf_only("".join(pieces))])
+                if not piece:
+                    continue
+                known = _encode_piece(piece)
+            encoded, first, last = known
             # 75, not 76: a later soft break may still need a place on this line.
             if column and column + first > 75:
                 out.append(b"=\r\n")
@@ -197,11 +205,40 @@ class QPPieces:
         return b"".join(out)
 
 
+# A piece that quoted-printable leaves as it is but for soft line breaks: printable ASCII
+# without "=" and no blank at its end (b2a_qp only escapes a "." that stands alone on a line).
+_QP_AS_IS = re.compile(r"[!-<>-~](?:[ !-<>-~]*[!-<>-~])?")
+
+
 def _encode_piece(piece: str) -> tuple[bytes, int, int]:
+    # Most merge values (names, links, dates) are such pieces: no encoder needed.
+    if _QP_AS_IS.fullmatch(piece) and piece != ".":
+        size = len(piece)
+        if size <= 75:
+            return piece.encode("ascii"), size, -1
+        return _soft_broken(piece)
+    return _qp_piece(piece)
+
+
+def _soft_broken(piece: str) -> tuple[bytes, int, int]:
+    """What `_qp_piece` makes of a long piece that needs no escapes: lines of 75 and a soft
+    break; the last line at most 75 (one of 76 is cut at 74, as `_fit_lines` cuts it)."""
+    lines, at, size = [], 0, len(piece)
+    while size - at > 76:
+        lines.append(piece[at:at + 75] + "=")
+        at += 75
+    rest = piece[at:]
+    lines += [rest[:74] + "=", rest[74:]] if len(rest) == 76 else [rest]
+    return "\r\n".join(lines).encode("ascii"), len(lines[0]), len(lines[-1])
+
+
+def _qp_piece(piece: str) -> tuple[bytes, int, int]:
     # b2a_qp copies the input's first line ending to its soft breaks: only LF comes in.
+    encoded = binascii.b2a_qp(piece.encode("utf-8"), istext=True)
+    if len(encoded) <= 75 and b"\n" not in encoded:  # one line that fits (a name, a word)
+        return encoded, len(encoded), -1
     # The last line keeps a place for the soft break that may join the next piece.
-    encoded = _fit_lines(binascii.b2a_qp(piece.encode("utf-8"), istext=True)
-                         .replace(b"\n", CRLF), last=75)
+    encoded = _fit_lines(encoded.replace(b"\n", CRLF), last=75)
     cut = encoded.find(CRLF)
     if cut < 0:
         return encoded, len(encoded), -1
@@ -249,8 +286,12 @@ class Composer:
         self._dkim = _load_dkim(settings)
         self._subject_lines: dict[str, bytes] = {}  # the languages' subjects without merge fields
         self._date = (0, b"")  # the Date header of the current second
-        self._qp = QPPieces(piece for lr in rendition.languages.values()
-                            for template in (lr.html, lr.text) for piece in static_text(template))
+        # The view-online link is the same for everyone of a language: encoded once, too.
+        online = [self._view_online(lang) for lang in rendition.languages]
+        self._qp = QPPieces([*(piece for lr in rendition.languages.values()
+                               for template in (lr.html, lr.text)
+                               for piece in static_text(template)),
+                             *online, *(str(markupsafe.escape(url)) for url in online)])
 
     def _static_headers(self) -> bytes:
         s = self.settings
@@ -282,12 +323,15 @@ class Composer:
     def links(self, recipient: Recipient, lang: str = "") -> Links:
         base = self.settings.base_url
         token = self.tokens.manage(recipient.email, recipient.list, self.campaign_id)
-        query = f"?lang={lang}" if lang else ""
         return Links(
             unsubscribe=f"{base}/unsubscribe/{token}",
             preferences=f"{base}/preferences/{token}",
-            view_online=f"{base}/archive/{self.campaign_id}{query}",
+            view_online=self._view_online(lang),
         )
+
+    def _view_online(self, lang: str) -> str:
+        query = f"?lang={lang}" if lang else ""
+        return f"{self.settings.base_url}/archive/{self.campaign_id}{query}"
 
     def compose(self, recipient: Recipient, *, message_id: str) -> Composed:
         """The message. Every line of it ends in CRLF and it holds no other CR or LF, whatever

@@ -451,6 +451,26 @@ def test_pieces_encoded_apart_decode_like_quoted_printable_of_the_whole(
     assert binascii.a2b_qp(first) == binascii.a2b_qp(qp("".join(pieces)))
 
 
+@settings(max_examples=1000, deadline=None)
+@given(piece=st.text(alphabet=st.sampled_from([*map(chr, range(32, 127)), "\t", "\n", "ä"]),
+                     max_size=80)
+       | st.text(alphabet=st.sampled_from([c for c in map(chr, range(32, 127)) if c != "="]),
+                 min_size=70, max_size=400)
+       | st.sampled_from([".", "..", "a" * 75, "a" * 76, "a" * 151, "a" * 152, "a ", " a", "=",
+                          "a=b", "a.", ".a", "a" * 75 + "."]))
+def test_a_piece_is_encoded_as_the_encoder_writes_it_whole(piece: str) -> None:
+    """The short cuts (a piece without escapes, a short line) give b2a_qp's bytes."""
+    import binascii
+
+    from mailer.compose import _encode_piece, _fit_lines
+
+    whole = _fit_lines(binascii.b2a_qp(piece.encode("utf-8"), istext=True)
+                       .replace(b"\n", b"\r\n"), last=75)
+    lines = whole.split(b"\r\n")
+    expected = (whole, len(lines[0]), len(lines[-1]) if len(lines) > 1 else -1)
+    assert _encode_piece(piece) == expected
+
+
 @pytest.mark.parametrize("text", [
     "a" * 75 + " \nb", "a" * 74 + "\t\n", "a" * 73 + "ä \nb", "b" * 76, "=" * 30 + " \n"])
 def test_quoted_printable_lines_stay_within_76_even_when_they_end_in_a_blank(text: str) -> None:
