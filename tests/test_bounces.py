@@ -15,6 +15,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from mailer import bounces
@@ -639,6 +641,16 @@ async def test_a_bounce_for_an_erased_address_changes_nothing(world: World) -> N
         "verp", world.sent["person0@example.org"].row_id)
     assert (_suppressed(world), _events(world)) == before  # the address is not brought back
     assert not any("person0" in key for key, _ in _suppressed(world))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=26, max_size=26))
+def test_verp_base32_is_rfc_4648_in_lower_case(data: bytes) -> None:
+    import base64
+
+    from mailer.tokens import _b32_lower
+
+    assert _b32_lower(data) == base64.b32encode(data).rstrip(b"=").decode("ascii").lower()
 
 
 def test_a_verp_token_has_one_spelling() -> None:
