@@ -604,6 +604,30 @@ async def test_no_transaction_starts_before_the_last_result_is_committed(
 
 
 @both_databases
+async def test_on_sqlite_results_are_written_on_the_loops_own_thread(
+        project, fault_server, monkeypatch):  # noqa: F811
+    """A SQLite write of a few rows costs less than a hop to a thread and back; PostgreSQL's
+    round trips stay off the loop."""
+    import threading
+
+    project.crowd(20)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server, MAILER_SMTP_POOL_SIZE="4")
+    threads: list[bool] = []
+    record = q.record
+
+    def watched(conn: Connection, outcomes: Any, **kw: Any) -> None:
+        threads.append(threading.current_thread() is threading.main_thread())
+        record(conn, outcomes, **kw)
+
+    monkeypatch.setattr(q, "record", watched)
+    async with SmtpPool(settings.smtp) as pool:
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
+    assert result.counts["sent"] == 20 and threads
+    assert set(threads) == {not store.is_postgres}
+
+
+@both_databases
 async def test_a_failed_ledger_write_stops_the_run_and_a_restart_recovers(
         project, fault_server):  # noqa: F811
     addresses = project.crowd(12)

@@ -111,6 +111,36 @@ def revisions() -> list[str]:
     return [s.revision for s in reversed(list(script.walk_revisions()))]
 
 
+def test_the_no_wait_connection_fails_at_once_where_the_store_waits(
+        project: Project, tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    store = open_store(url)
+    nowait = store_db.nowait_engine(store.engine)
+    assert nowait is not None
+    assert store_db.nowait_engine(create_engine("sqlite://")) is None  # another database
+    holder = sqlite3.connect(tmp_path / "l.db")
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        start = time.monotonic()
+        with pytest.raises(OperationalError) as refused, nowait.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO suppressions (email_key, list_name, reason, "
+                                 "source, detail, created_at) VALUES ('a', '*', 'x', '', '', 0)")
+        assert time.monotonic() - start < 1.0 and store_db.is_busy(refused.value)
+        with store.engine.connect() as conn:  # the store itself would wait for the lock
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    finally:
+        holder.rollback()
+        holder.close()
+        nowait.dispose()
+        store.dispose()
+
+
 def test_the_head_revision_is_the_newest_migration_script() -> None:
     assert revisions()[-1] == store_db.HEAD_REVISION
 

@@ -72,9 +72,32 @@ def _wal(cur: Any, *, patience_s: float = 30.0) -> None:
             time.sleep(0.02)
 
 
+def nowait_engine(engine: Engine) -> Engine | None:
+    """For a SQLite file: one more connection to it that never waits for another writer's
+    lock (busy_timeout 0), for writes short enough to run on the event loop's own thread; a
+    write that finds the file locked fails at once (`is_busy`) and goes the usual way, off the
+    loop. None for PostgreSQL and in-memory databases."""
+    url = engine.url.render_as_string(hide_password=False)
+    if sqlite_file(url) is None:
+        return None
+    nowait = create_engine(url, pool_size=1, max_overflow=0)
+    event.listen(nowait, "connect", _nowait_pragmas)
+    return nowait
+
+
+def _nowait_pragmas(dbapi_conn: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_conn, record)
+    dbapi_conn.execute("PRAGMA busy_timeout=0")
+
+
+def is_busy(exc: OperationalError) -> bool:
+    """Did SQLite refuse because another connection holds the lock (SQLITE_BUSY / LOCKED)?"""
+    return getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF in (5, 6)
+
+
 def sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL; None for PostgreSQL and in-memory databases."""
-    if not url.startswith("sqlite"):
+    if not url.startswith("sqlite") or "///" not in url:  # "sqlite://" is in memory
         return None
     path = url.split("///", 1)[-1].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
