@@ -49,7 +49,8 @@ CORE: dict[str, tuple[list[str], list[str]]] = {
     "web-security": (["mailer/web/security.py"], ["tests/test_web_security.py",
                                                   "tests/test_web.py"]),
     "queries": (["mailer/store/queries.py"], ["tests/test_queries.py", "tests/test_store.py"]),
-    "tokens": (["mailer/tokens.py"], ["tests/test_trust_privacy.py", "tests/test_web.py"]),
+    "tokens": (["mailer/tokens.py"], ["tests/test_trust_privacy.py", "tests/test_web.py",
+                                      "tests/test_bounces.py"]),
     "yamlsrc": (["mailer/yamlsrc.py"], ["tests/test_yaml_budget.py", "tests/test_campaign.py"]),
 }
 
