@@ -496,6 +496,9 @@ def test_pieces_share_a_line_while_it_has_room_then_a_soft_break_joins_them() ->
     # After a soft break the line holds the next piece and then 75 minus its length.
     assert QPPieces()(["x" * 70, "y" * 10, "z" * 65]) == (
         b"x" * 70 + b"=\r\n" + b"y" * 10 + b"z" * 65)
+    # An escaped piece counts with its escapes: "ä" is 6 characters of the line.
+    assert QPPieces()(["ä", "b" * 69]) == b"=C3=A4" + b"b" * 69
+    assert QPPieces()(["ä", "b" * 70]) == b"=C3=A4=\r\n" + b"b" * 70
     # After a line end the column starts again from the last line of the piece.
     assert QPPieces()(["abc\n", "d" * 74]) == b"abc\r\n" + b"d" * 74
     assert QPPieces()(["ab\ncd\nef", "e" * 73]) == b"ab\r\ncd\r\nef" + b"e" * 73
