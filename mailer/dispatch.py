@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Any, Protocol
 
 import jinja2
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 from .audience import Recipient
@@ -177,7 +177,7 @@ class Dispatcher:
         self._started = 0
         self._run_id = 0
         self._idle_polls = 0  # looks in a row at rows only other workers hold
-        self._nowait: Engine | None = None  # SQLite: results written on the loop's thread
+        self._nowait: Connection | None = None  # SQLite: results written on the loop's thread
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -186,13 +186,16 @@ class Dispatcher:
         # this process on the same run leaves our claims alone while we run.
         live = self.store.workers
         live.add(self.worker)
-        self._nowait = nowait_engine(self.store.engine)
+        nowait = nowait_engine(self.store.engine)
+        # Held for the whole run: a checkout from the pool per write costs as much as the write.
+        self._nowait = nowait.connect() if nowait is not None else None
         try:
             return await self._run(run)
         finally:
             live.discard(self.worker)
-            if self._nowait is not None:
-                self._nowait.dispose()
+            if nowait is not None:
+                self._nowait.close()  # type: ignore[union-attr]
+                nowait.dispose()
 
     async def _run(self, run: q.Run) -> RunResult:
         self._run_id = run.id
@@ -356,8 +359,8 @@ class Dispatcher:
             # (a thread hop costs ~0.1 ms of CPU); only while another process holds the lock
             # does it wait, and then off the loop.
             try:
-                with self._nowait.begin() as conn:
-                    self._record(conn, outcomes)
+                with self._nowait.begin():
+                    self._record(self._nowait, outcomes)
                 return
             except OperationalError as exc:
                 if not is_busy(exc):
