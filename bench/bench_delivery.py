@@ -10,8 +10,9 @@ debconf preseeded to "No configuration", and stops the postfix daemon. One `smtp
   2. `mailer send` with MAILER_SMTP_POOL_SIZE=S, ~40 KB personalised messages, N recipients,
      a new SQLite ledger each time, its schema made by `mailer db upgrade` before the timing
      (`--fresh-db`: by the timed `mailer send` itself, ~0.4 s of alembic): messages/s over the
-     whole process (start-up, validation, audience, ledger snapshot, sending, final counts) and over the send phase alone (from the
-     "started run" line to the "run N: … sent" line). Ratio to smtp-source, target >= 0.5.
+     whole process (start-up, validation, audience, ledger snapshot, sending, final counts)
+     and over the send phase alone (from the "started run" line to the "run N: … sent" line).
+     Ratio to smtp-source, target >= 0.5.
      Beside each rate: CPU per message of the sender (its whole process tree) and of smtp-sink,
      which shares the 2 cores: what the sink takes is not there for the sender.
   3. Peak RSS (/usr/bin/time -v, else VmHWM polled) of `mailer send` for 10,000 and 100,000
