@@ -187,14 +187,17 @@ class Dispatcher:
         live = self.store.workers
         live.add(self.worker)
         nowait = nowait_engine(self.store.engine)
-        # Held for the whole run: a checkout from the pool per write costs as much as the write.
-        self._nowait = nowait.connect() if nowait is not None else None
         try:
+            # Held for the whole run: a checkout from the pool per write costs as much as the
+            # write.
+            self._nowait = nowait.connect() if nowait is not None else None
             return await self._run(run)
         finally:
             live.discard(self.worker)
+            if self._nowait is not None:
+                self._nowait.close()
+                self._nowait = None
             if nowait is not None:
-                self._nowait.close()  # type: ignore[union-attr]
                 nowait.dispose()
 
     async def _run(self, run: q.Run) -> RunResult:
