@@ -175,13 +175,10 @@ class SendRun:
 def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: float,
                 workers: str = "auto", code: Path | None = None) -> SendRun:
     """One `mailer send`; `code`: a source tree to run instead of this one (PYTHONPATH)."""
-    extra = {"PYTHONPATH": str(code)} if code is not None else {}
-    env = {**os.environ, **extra, "MAILER_DISPATCH_WORKERS": workers,
-           "MAILER_ALLOW_LOCAL_LINKS": "1",
-           "MAILER_SMTP_HOST": "127.0.0.1", "MAILER_SMTP_PORT": str(port),
-           "MAILER_SMTP_POOL_SIZE": str(pool), "MAILER_SMTP_RATE_PER_SECOND": "1000000",
-           "MAILER_DATABASE_URL": db_url, "MAILER_SECRET_KEY": BENCH_SECRET,
-           "MAILER_CONFIG": str(project / "config.yaml"), "PYTHONUNBUFFERED": "1"}
+    env = mailer_env(project, db_url=db_url, code=code, MAILER_DISPATCH_WORKERS=workers,
+                     MAILER_ALLOW_LOCAL_LINKS="1", MAILER_SMTP_HOST="127.0.0.1",
+                     MAILER_SMTP_PORT=str(port), MAILER_SMTP_POOL_SIZE=str(pool),
+                     MAILER_SMTP_RATE_PER_SECOND="1000000", PYTHONUNBUFFERED="1")
     cmd = [MAILER, "--config", str(project / "config.yaml"), "send", "bench-40k"]
     use_time = Path(GNU_TIME).exists()
     if use_time:
@@ -243,11 +240,17 @@ def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: fl
 
 def upgrade(project: Path, *, db_url: str, code: Path | None = None) -> None:
     """`mailer db upgrade` on a new ledger, outside the timing."""
-    extra = {"PYTHONPATH": str(code)} if code is not None else {}
-    env = {**os.environ, **extra, "MAILER_DATABASE_URL": db_url,
-           "MAILER_SECRET_KEY": BENCH_SECRET, "MAILER_CONFIG": str(project / "config.yaml")}
     subprocess.run([MAILER, "--config", str(project / "config.yaml"), "db", "upgrade"],
-                   env=env, cwd=project, check=True, capture_output=True, timeout=120)
+                   env=mailer_env(project, db_url=db_url, code=code), cwd=project, check=True,
+                   capture_output=True, timeout=120)
+
+
+def mailer_env(project: Path, *, db_url: str, code: Path | None, **more: str) -> dict[str, str]:
+    """The environment of a `mailer` command of this benchmark (`code`: see mailer_send)."""
+    extra = {"PYTHONPATH": str(code)} if code is not None else {}
+    return {**os.environ, **extra, "MAILER_DATABASE_URL": db_url,
+            "MAILER_SECRET_KEY": BENCH_SECRET, "MAILER_CONFIG": str(project / "config.yaml"),
+            **more}
 
 
 @contextlib.contextmanager
