@@ -187,14 +187,17 @@ class QPPieces:
         get = self._memo.get
         out: list[bytes] = []
         column = 0
+        values: dict[str, tuple[bytes, int, int]] = {}  # a merge value used twice: encoded once
         for piece in pieces:
             known = get(piece)
+            if known is None:
+                known = values.get(piece)
             if known is None:
                 if "\r" in piece:  # a CRLF may be split between two pieces: encode them whole
                     return self([lf_only("".join(pieces))])
                 if not piece:
                     continue
-                known = _encode_piece(piece)
+                known = values[piece] = _encode_piece(piece)
             encoded, first, last = known
             # 75, not 76: a later soft break may still need a place on this line.
             if column and column + first > 75:

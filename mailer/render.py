@@ -26,7 +26,7 @@ from babel.dates import format_date, format_time
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markdown_it import MarkdownIt
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from mjml import mjml2html
 
 from . import htmlcraft
@@ -156,6 +156,73 @@ class _StaffSandbox(ImmutableSandboxedEnvironment):
         return self.undefined(obj=obj, name=argument)
 
 
+# The short cut of a stage-2 template: its steps — its own text, or the index of a merge field
+# in `fields` — and the distinct merge fields it reads, as (name, key).
+_Plan = tuple[tuple[str | int, ...], tuple[tuple[str, str], ...]]
+
+
+class Stage2Template(jinja2.Template):
+    """A stage-2 template with a short cut for the common case. When the template is literal
+    text and plain merge fields (`{{ recipient.name }}`, `{{ links.unsubscribe }}`) and every
+    field read holds a string, it yields what jinja's own code yields — the same literal pieces,
+    each value escaped where the template autoescapes — without a render context, a sandbox
+    call per field or a generator, and reads (and escapes) a field used ten times once. Anything
+    else (a filter, {% if %}, a missing field, a value that is not a string, keyword arguments)
+    goes through jinja, which also raises its errors."""
+
+    _plan: _Plan | None = None
+
+    def generate(self, *args: Any, **kwargs: Any) -> Iterator[str]:
+        pieces = self._fill(args, kwargs)
+        return iter(pieces) if pieces is not None else super().generate(*args, **kwargs)
+
+    def render(self, *args: Any, **kwargs: Any) -> str:
+        pieces = self._fill(args, kwargs)
+        return "".join(pieces) if pieces is not None else super().render(*args, **kwargs)
+
+    def _fill(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str] | None:
+        if self._plan is None or kwargs or len(args) != 1 or type(args[0]) is not dict:
+            return None
+        steps, fields = self._plan
+        values = args[0]
+        html = self.environment.autoescape is True
+        filled: list[str] = []
+        for name, key in fields:
+            scope = values.get(name)
+            value = scope.get(key) if type(scope) is dict else None
+            if type(value) is not str:
+                return None
+            filled.append(escape(value) if html else value)
+        return [step if type(step) is str else filled[step] for step in steps]  # type: ignore[index]
+
+    @property
+    def literal_pieces(self) -> tuple[str, ...]:
+        """The template's own text as the short cut yields it (empty without one)."""
+        return tuple(step for step in self._plan[0] if type(step) is str) if self._plan else ()
+
+
+def _plan(ast: nodes.Template) -> _Plan | None:
+    """The short cut of a template of literal text and plain merge fields, else None.
+    Adjacent text is joined, as jinja's code generator joins it into one piece."""
+    steps: list[str | int] = []
+    fields: dict[tuple[str, str], int] = {}
+    for node in ast.body:
+        if type(node) is not nodes.Output:
+            return None
+        for child in node.nodes:
+            if type(child) is nodes.TemplateData:
+                if steps and type(steps[-1]) is str:
+                    steps[-1] = steps[-1] + child.data
+                elif child.data:
+                    steps.append(child.data)
+            elif (type(child) is nodes.Getattr and type(child.node) is nodes.Name
+                  and child.node.name in STAFF_NAMES and child.ctx == "load"):
+                steps.append(fields.setdefault((child.node.name, child.attr), len(fields)))
+            else:
+                return None
+    return tuple(steps), tuple(fields)
+
+
 @functools.cache
 def _stage2(autoescape: bool) -> jinja2.Environment:
     env = _StaffSandbox(
@@ -169,6 +236,7 @@ def _stage2(autoescape: bool) -> jinja2.Environment:
     env.globals.clear()
     env.filters = {k: v for k, v in env.filters.items() if k in STAFF_FILTERS}
     env.tests = {k: v for k, v in env.tests.items() if k in STAFF_TESTS}
+    env.template_class = Stage2Template
     return env
 
 
@@ -246,7 +314,11 @@ class Snippets:
         problem = staff_template_problem(ast)
         if problem:
             raise self.campaign.error(problem, *loc)
-        return env.from_string(ast)
+        plan = _plan(ast)  # before compiling: jinja's optimiser may rewrite the tree
+        template = env.from_string(ast)
+        assert isinstance(template, Stage2Template)
+        template._plan = plan
+        return template
 
 
 def _stage2_source(compiled: str, sources: list[str]) -> str:
@@ -823,7 +895,9 @@ def static_text(template: jinja2.Template) -> set[str]:
     """The text a stage-2 template yields as it is: the string constants of its compiled code,
     which `generate` hands out as the same objects every time. (Names and keys the code uses
     come along; they are short and cost nothing but a memo entry.)"""
-    found: set[str] = set()
+    # The short cut's pieces first: they are the objects it yields, so a memo keyed by them
+    # finds them by identity (a set keeps the first of two equal strings).
+    found: set[str] = set(getattr(template, "literal_pieces", ()))
     codes = [template.root_render_func.__code__,
              *(f.__code__ for f in template.blocks.values())]
     while codes:

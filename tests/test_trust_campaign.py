@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jinja2
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from markupsafe import Markup
 
 from mailer.audience import Recipient
 from mailer.checks import check_campaign
 from mailer.errors import CampaignError
-from mailer.render import SAMPLE_LINKS, personalise
+from mailer.render import (
+    SAMPLE_LINKS,
+    LangRendition,
+    personalise,
+    personalise_pieces,
+    static_text,
+)
 from tests.conftest import Project
 from tests.test_campaign import GOOD, mailer_cli
 
@@ -62,7 +72,7 @@ def test_hostile_merge_field_is_a_validation_error(project: Project, snippet: st
 def test_allowed_merge_fields_filters_and_conditions_still_work(project: Project) -> None:
     snippet = ("{% if recipient.name %}Liebe {{ recipient.name | title }}{% else %}Hallo"
                "{% endif %} ({{ recipient.email | lower | truncate(40) }}, "
-               "{{ recipient.stadtteil | default('Dortmund') ~ '!' }})")
+               "{{ recipient.organisation | default('Dortmund') ~ '!' }})")
     project.campaign("ok.yaml", GOOD.replace('"Liebe Freundinnen und Freunde"', repr(snippet)))
     checked = check_campaign(project.root / "campaigns" / "ok.yaml", project.settings())
     lr = checked.rendition.for_language("de")
@@ -196,3 +206,101 @@ def test_a_bad_strings_file_is_one_sentence(project: Project, content: str) -> N
     result = mailer_cli(project, "validate", "campaigns/good.yaml")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "strings.yaml" in result.stderr.strip().splitlines()[0], result.stderr
+
+
+# --- stage 2's short cut ----------------------------------------------------------------------
+
+PLAIN = ("Hallo {{ recipient.name }} <{{ recipient.email }}> aus {{ recipient.organisation }}, "
+         "{{ recipient.name }}: {{ links.unsubscribe }}")
+
+
+def _plain(project: Project) -> LangRendition:
+    """A campaign whose stage-2 templates are literal text and plain merge fields only."""
+    text = GOOD.replace('"Liebe Freundinnen und Freunde"', repr(PLAIN)).replace(
+        "{{ recipient.name }}", "{{ recipient.name }} {{ recipient.organisation }}", 1)
+    project.campaign("plain.yaml", text)
+    checked = check_campaign(project.root / "campaigns" / "plain.yaml", project.settings(),
+                             with_audience=False)
+    return checked.rendition.for_language("de")
+
+
+def _by_jinja(lr: LangRendition, values: dict[str, object]) -> tuple[object, ...]:
+    """What jinja's own code makes of `values` (the short cut switched off), or its error."""
+    templates = (lr.html, lr.text, lr.subject)
+    plans = [t._plan for t in templates]  # type: ignore[attr-defined]
+    for t in templates:
+        t._plan = None  # type: ignore[attr-defined]
+    try:
+        return _outcome(lr, values)
+    finally:
+        for t, plan in zip(templates, plans, strict=True):
+            t._plan = plan  # type: ignore[attr-defined]
+
+
+def _outcome(lr: LangRendition, values: dict[str, object]) -> tuple[object, ...]:
+    try:
+        p = personalise_pieces(lr, values, SAMPLE_LINKS)
+    except jinja2.UndefinedError as exc:
+        return ("error", exc.message)
+    # the pieces one by one, with their types: a Markup piece is not a str piece to jinja
+    return (p.subject, [(type(x), x) for x in p.html], [(type(x), x) for x in p.text])
+
+
+MERGE_VALUES = st.one_of(st.text(max_size=30), st.sampled_from(["<b>&\"'", "a\r\nb", "{{ x }}"]),
+                         st.integers(), st.none(), st.builds(Markup, st.text(max_size=5)))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=MERGE_VALUES, email=st.text(max_size=20), organisation=MERGE_VALUES,
+       drop=st.sampled_from(["", "organisation", "name"]))
+def test_the_short_cut_yields_what_jinja_yields(project: Project, name: object, email: str,
+                                                organisation: object, drop: str) -> None:
+    lr = getattr(project, "_plain_lr", None) or _plain(project)
+    project._plain_lr = lr  # type: ignore[attr-defined]
+    assert all(t._plan is not None for t in (lr.html, lr.text, lr.subject))  # type: ignore[attr-defined]
+    values = {"name": name, "email": email, "language": "de", "organisation": organisation}
+    values.pop(drop, None)
+    assert _outcome(lr, values) == _by_jinja(lr, values)
+
+
+def test_the_short_cut_is_taken_for_plain_fields_and_only_for_them(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    lr = _plain(project)
+    person = Recipient("anna@example.org", "Anna <A&B>", "de", fields={"organisation": "Hörde"})
+    expected = personalise(lr, person, SAMPLE_LINKS)
+    assert "Hallo Anna &lt;A&amp;B&gt; &lt;anna@example.org&gt; aus Hörde" in expected.html
+    assert "Hallo Anna <A&B> <anna@example.org> aus Hörde, Anna <A&B>: " in expected.text
+    assert expected.subject == "Hallo Anna <A&B> Hörde"
+
+    def no_jinja(*args: object, **kwargs: object) -> None:
+        raise AssertionError("jinja's own code ran")
+
+    monkeypatch.setattr(jinja2.Template, "generate", no_jinja)
+    monkeypatch.setattr(jinja2.Template, "render", no_jinja)
+    assert personalise(lr, person, SAMPLE_LINKS) == expected
+    # Its own text comes as the objects the compose memo is keyed by.
+    for template in (lr.html, lr.text):
+        memo = static_text(template)
+        assert all(any(piece is known for known in memo)
+                   for piece in template.literal_pieces)  # type: ignore[attr-defined]
+    # A value that is not a string is jinja's to convert.
+    with pytest.raises(AssertionError, match="jinja's own code ran"):
+        personalise(lr, {"name": 7, "email": "a@example.org", "language": "de",
+                         "organisation": "x"}, SAMPLE_LINKS)
+
+
+@pytest.mark.parametrize("source", [
+    "{{ recipient.name | upper }}", "{% if recipient.name %}x{% endif %}", "{{ 'a' }}",
+    "{{ recipient['name'] }}", "{{ recipient.name ~ 'x' }}", "{{ recipient }}",
+    "{{ recipient.name.first }}", "{{ recipient.name if recipient.name else 'x' }}",
+    "{% raw %}{% endraw %}{{ '{% endraw %}' }}", "{{ cycler.x }}",
+])
+def test_anything_beyond_plain_fields_goes_through_jinja(source: str) -> None:
+    from mailer.render import _plan, _stage2
+
+    assert _plan(_stage2(False).parse(source)) is None
+    assert _plan(_stage2(False).parse("a{{ recipient.name }}b{{ links.x }}{{ recipient.name }}")
+                 ) == (("a", 0, "b", 1, 0), (("recipient", "name"), ("links", "x")))
+    joined = "{% raw %}a{% endraw %}{% raw %}b{% endraw %}{{ recipient.name }}"
+    assert _plan(_stage2(False).parse(joined)) == (("ab", 0), (("recipient", "name"),))
