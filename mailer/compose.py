@@ -55,21 +55,32 @@ def _clean(value: str) -> str:
 _Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 _Q = ["_" if b == 32 else chr(b) if b in _Q_SAFE else f"={b:02X}" for b in range(256)]
 _WORD_ROOM = 75 - len("=?utf-8?q??=")  # an encoded word is at most 75 characters (§2)
-_Q_CHAR: dict[str, str] = {}  # a character's encoding, looked up instead of built per header
+
+
+class _QTable(dict[int, str]):
+    """Code point -> its Q encoding, for str.translate; filled as characters are met."""
+
+    def __missing__(self, code: int) -> str:
+        piece = "".join(_Q[b] for b in chr(code).encode("utf-8"))
+        if len(self) < 4096:  # the characters of names and subjects; bounded anyway
+            self[code] = piece
+        return piece
+
+
+_Q_TABLE = _QTable()
 
 
 def encoded_words(value: str, *, indent: int = 0) -> str:
     """RFC 2047 encoded words for a non-ASCII text, folded between words, never inside a
     character (§5: each word must decode on its own). `indent`: what precedes the first."""
+    room = _WORD_ROOM - indent
+    whole = value.translate(_Q_TABLE)
+    if len(whole) <= room:  # most subjects and names: one word, no loop over the characters
+        return f"=?utf-8?q?{whole}?="
     words: list[str] = []
     current = ""
-    room = _WORD_ROOM - indent
     for ch in value:
-        piece = _Q_CHAR.get(ch)
-        if piece is None:
-            piece = "".join(_Q[b] for b in ch.encode("utf-8"))
-            if len(_Q_CHAR) < 4096:  # the characters of names and subjects; bounded anyway
-                _Q_CHAR[ch] = piece
+        piece = _Q_TABLE[ord(ch)]
         if len(current) + len(piece) > room and current:
             room = _WORD_ROOM
             words.append(current)

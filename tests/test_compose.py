@@ -152,6 +152,13 @@ def test_encoded_words_of_long_and_mixed_texts(text: str) -> None:
     _check_encoded(text)
 
 
+def test_encoded_words_at_the_boundary_of_one_word() -> None:
+    # "Subject: " leaves 75 - 9 - len("=?utf-8?q??=") = 54 characters for the first word
+    assert len(_encoded_words(encode_header("Subject", "ä" * 9), "Subject")) == 1
+    assert len(_encoded_words(encode_header("Subject", "ä" * 9 + "a"), "Subject")) == 2
+    assert len(_encoded_words(encode_header("Subject", "a" * 53 + "ä"), "Subject")) == 2
+
+
 def _check_encoded(text: str) -> None:
     from mailer.compose import _clean
 
