@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import jinja2
 from babel.dates import format_date, format_time
@@ -156,19 +156,22 @@ class _StaffSandbox(ImmutableSandboxedEnvironment):
         return self.undefined(obj=obj, name=argument)
 
 
-# The short cut of a stage-2 template: its steps — its own text, or the index of a merge field
-# in `fields` — and the distinct merge fields it reads, as (name, key).
-_Plan = tuple[tuple[str | int, ...], tuple[tuple[str, str], ...]]
+# The short cut of a stage-2 template: its steps — its own text, the index of a merge field in
+# `fields`, or an {% if field %} as (field, steps if true, steps if not) — and the distinct
+# merge fields it reads, as (name, key).
+_Step: TypeAlias = str | int | tuple[int, tuple["_Step", ...], tuple["_Step", ...]]
+_Plan = tuple[tuple[_Step, ...], tuple[tuple[str, str], ...]]
 
 
 class Stage2Template(jinja2.Template):
     """A stage-2 template with a short cut for the common case. When the template is literal
-    text and plain merge fields (`{{ recipient.name }}`, `{{ links.unsubscribe }}`) and every
-    field read holds a string, it yields what jinja's own code yields — the same literal pieces,
-    each value escaped where the template autoescapes — without a render context, a sandbox
-    call per field or a generator, and reads (and escapes) a field used ten times once. Anything
-    else (a filter, {% if %}, a missing field, a value that is not a string, keyword arguments)
-    goes through jinja, which also raises its errors."""
+    text, plain merge fields (`{{ recipient.name }}`, `{{ links.unsubscribe }}`) and
+    `{% if recipient.name %} … {% else %} … {% endif %}`, and every field it reads holds a
+    string, it yields what jinja's own code yields — the same literal pieces, each value escaped
+    where the template autoescapes — without a render context, a sandbox call per field or a
+    generator, and reads (and escapes) a field used ten times once. Anything else (a filter, a
+    comparison, a missing field, a value that is not a string, keyword arguments) goes through
+    jinja, which also raises its errors."""
 
     _plan: _Plan | None = None
 
@@ -193,34 +196,81 @@ class Stage2Template(jinja2.Template):
             if type(value) is not str:
                 return None
             filled.append(escape(value) if html else value)
-        return [step if type(step) is str else filled[step] for step in steps]  # type: ignore[index]
+        out: list[str] = []
+        _expand(steps, filled, out)
+        return out
 
     @property
     def literal_pieces(self) -> tuple[str, ...]:
         """The template's own text as the short cut yields it (empty without one)."""
-        return tuple(step for step in self._plan[0] if type(step) is str) if self._plan else ()
+        found: list[str] = []
+        todo = list(self._plan[0]) if self._plan else []
+        while todo:
+            step = todo.pop()
+            if type(step) is str:
+                found.append(step)
+            elif type(step) is tuple:
+                todo += [*step[1], *step[2]]
+        return tuple(found)
+
+
+def _expand(steps: tuple[_Step, ...], filled: list[str], out: list[str]) -> None:
+    for step in steps:
+        if isinstance(step, str):
+            out.append(step)
+        elif isinstance(step, int):
+            out.append(filled[step])
+        else:
+            test, then, otherwise = step
+            _expand(then if filled[test] else otherwise, filled, out)  # escaping keeps truth
 
 
 def _plan(ast: nodes.Template) -> _Plan | None:
-    """The short cut of a template of literal text and plain merge fields, else None.
-    Adjacent text is joined, as jinja's code generator joins it into one piece."""
-    steps: list[str | int] = []
+    """The short cut of a template, or None when it uses more than it covers."""
     fields: dict[tuple[str, str], int] = {}
-    for node in ast.body:
+    steps = _steps(ast.body, fields, {})
+    return None if steps is None else (steps, tuple(fields))
+
+
+def _steps(body: list[nodes.Node], fields: dict[tuple[str, str], int], texts: dict[str, str]
+           ) -> tuple[_Step, ...] | None:
+    # Adjacent text is joined, as jinja's code generator joins it into one piece; text on
+    # either side of an {% if %} stays apart, as jinja yields it. Equal texts become one
+    # object (`texts`), which the compose memo then finds by identity.
+    steps: list[_Step] = []
+    for node in body:
+        if type(node) is nodes.If and not node.elif_:
+            test = _field(node.test, fields)
+            then = _steps(node.body, fields, texts)
+            otherwise = _steps(node.else_, fields, texts)
+            if test is None or then is None or otherwise is None:
+                return None
+            steps.append((test, then, otherwise))
+            continue
         if type(node) is not nodes.Output:
             return None
         for child in node.nodes:
             if type(child) is nodes.TemplateData:
-                if steps and type(steps[-1]) is str:
-                    steps[-1] = steps[-1] + child.data
+                last = steps[-1] if steps else None
+                if type(last) is str:
+                    steps[-1] = last + child.data
                 elif child.data:
                     steps.append(child.data)
-            elif (type(child) is nodes.Getattr and type(child.node) is nodes.Name
-                  and child.node.name in STAFF_NAMES and child.ctx == "load"):
-                steps.append(fields.setdefault((child.node.name, child.attr), len(fields)))
-            else:
+                continue
+            index = _field(child, fields)
+            if index is None:
                 return None
-    return tuple(steps), tuple(fields)
+            steps.append(index)
+    return tuple(texts.setdefault(step, step) if isinstance(step, str) else step
+                 for step in steps)
+
+
+def _field(node: nodes.Node, fields: dict[tuple[str, str], int]) -> int | None:
+    """The index of `recipient.x` or `links.x` in `fields` (added if new), else None."""
+    if (type(node) is nodes.Getattr and type(node.node) is nodes.Name
+            and node.node.name in STAFF_NAMES and node.ctx == "load"):
+        return fields.setdefault((node.node.name, node.attr), len(fields))
+    return None
 
 
 @functools.cache

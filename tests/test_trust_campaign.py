@@ -211,7 +211,9 @@ def test_a_bad_strings_file_is_one_sentence(project: Project, content: str) -> N
 # --- stage 2's short cut ----------------------------------------------------------------------
 
 PLAIN = ("Hallo {{ recipient.name }} <{{ recipient.email }}> aus {{ recipient.organisation }}, "
-         "{{ recipient.name }}: {{ links.unsubscribe }}")
+         "{{ recipient.name }}: {{ links.unsubscribe }} {% if recipient.organisation %}für "
+         "{{ recipient.organisation }}{% if recipient.name %}, {{ recipient.name }}{% endif %}"
+         "{% else %}privat{% endif %}.")
 
 
 def _plain(project: Project) -> LangRendition:
@@ -270,7 +272,9 @@ def test_the_short_cut_is_taken_for_plain_fields_and_only_for_them(
     person = Recipient("anna@example.org", "Anna <A&B>", "de", fields={"organisation": "Hörde"})
     expected = personalise(lr, person, SAMPLE_LINKS)
     assert "Hallo Anna &lt;A&amp;B&gt; &lt;anna@example.org&gt; aus Hörde" in expected.html
+    assert "für Hörde, Anna &lt;A&amp;B&gt;." in expected.html
     assert "Hallo Anna <A&B> <anna@example.org> aus Hörde, Anna <A&B>: " in expected.text
+    assert "für Hörde, Anna <A&B>." in expected.text
     assert expected.subject == "Hallo Anna <A&B> Hörde"
 
     def no_jinja(*args: object, **kwargs: object) -> None:
@@ -279,6 +283,9 @@ def test_the_short_cut_is_taken_for_plain_fields_and_only_for_them(
     monkeypatch.setattr(jinja2.Template, "generate", no_jinja)
     monkeypatch.setattr(jinja2.Template, "render", no_jinja)
     assert personalise(lr, person, SAMPLE_LINKS) == expected
+    nobody = Recipient("anna@example.org", "", "de", fields={"organisation": ""})
+    assert "aus , : " in personalise(lr, nobody, SAMPLE_LINKS).text
+    assert " privat." in personalise(lr, nobody, SAMPLE_LINKS).text
     # Its own text comes as the objects the compose memo is keyed by.
     for template in (lr.html, lr.text):
         memo = static_text(template)
@@ -291,7 +298,10 @@ def test_the_short_cut_is_taken_for_plain_fields_and_only_for_them(
 
 
 @pytest.mark.parametrize("source", [
-    "{{ recipient.name | upper }}", "{% if recipient.name %}x{% endif %}", "{{ 'a' }}",
+    "{{ recipient.name | upper }}", "{{ 'a' }}", "{% if not recipient.name %}x{% endif %}",
+    "{% if recipient.name %}x{% elif recipient.email %}y{% endif %}",
+    "{% if recipient.name == 'x' %}x{% endif %}", "{% if recipient.name %}{{ 1 }}{% endif %}",
+    "{% if recipient.name %}x{% else %}{{ recipient.name | e }}{% endif %}",
     "{{ recipient['name'] }}", "{{ recipient.name ~ 'x' }}", "{{ recipient }}",
     "{{ recipient.name.first }}", "{{ recipient.name if recipient.name else 'x' }}",
     "{% raw %}{% endraw %}{{ '{% endraw %}' }}", "{{ cycler.x }}",
@@ -304,3 +314,11 @@ def test_anything_beyond_plain_fields_goes_through_jinja(source: str) -> None:
                  ) == (("a", 0, "b", 1, 0), (("recipient", "name"), ("links", "x")))
     joined = "{% raw %}a{% endraw %}{% raw %}b{% endraw %}{{ recipient.name }}"
     assert _plan(_stage2(False).parse(joined)) == (("ab", 0), (("recipient", "name"),))
+    branch = ("a{% if recipient.name %}b{{ links.x }}{% else %}c{% endif %}d"
+              "{% if links.x %}{% endif %}")
+    assert _plan(_stage2(False).parse(branch)) == (
+        ("a", (0, ("b", 1), ("c",)), "d", (1, (), ())),
+        (("recipient", "name"), ("links", "x")))
+    template = _stage2(False).from_string(branch)
+    template._plan = _plan(_stage2(False).parse(branch))  # type: ignore[attr-defined]
+    assert sorted(template.literal_pieces) == ["a", "b", "c", "d"]  # type: ignore[attr-defined]
