@@ -52,6 +52,8 @@ CORE: dict[str, tuple[list[str], list[str]]] = {
     "tokens": (["mailer/tokens.py"], ["tests/test_trust_privacy.py", "tests/test_web.py",
                                       "tests/test_bounces.py"]),
     "yamlsrc": (["mailer/yamlsrc.py"], ["tests/test_yaml_budget.py", "tests/test_campaign.py"]),
+    # Stage 2 per recipient (SCOPE below): the sandbox and the short cut beside jinja.
+    "stage2": (["mailer/render.py"], ["tests/test_trust_campaign.py", "tests/test_compose.py"]),
 }
 
 # module name -> the functions mutated (mutmut mutant-name globs); absent: the whole files.
@@ -69,6 +71,11 @@ SCOPE: dict[str, list[str]] = {
                        "xǁRunnerǁ_record_failure"]),
         ("schedule_view", ["x_schedule_overview", "x__overview_row", "x_no_next_fire"]),
     ) for name in names],
+    "stage2": [f"mailer.render.{name}__mutmut_*" for name in (
+        "xǁStage2Templateǁgenerate", "xǁStage2Templateǁrender", "xǁStage2Templateǁ_fill",
+        "xǁStage2Templateǁliteral_pieces", "x__expand", "x__plan", "x__steps", "x__field",
+        "x_static_text", "x_personalise_pieces", "xǁ_StaffSandboxǁgetattr",
+        "xǁ_StaffSandboxǁgetitem", "x_staff_template_problem")],
 }
 
 

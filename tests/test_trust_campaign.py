@@ -213,7 +213,7 @@ def test_a_bad_strings_file_is_one_sentence(project: Project, content: str) -> N
 PLAIN = ("Hallo {{ recipient.name }} <{{ recipient.email }}> aus {{ recipient.organisation }}, "
          "{{ recipient.name }}: {{ links.unsubscribe }} {% if recipient.organisation %}für "
          "{{ recipient.organisation }}{% if recipient.name %}, {{ recipient.name }}{% endif %}"
-         "{% else %}privat{% endif %}.")
+         "{% else %}privat ({{ recipient.language }}){% endif %}.")
 
 
 def _plain(project: Project) -> LangRendition:
@@ -285,7 +285,7 @@ def test_the_short_cut_is_taken_for_plain_fields_and_only_for_them(
     assert personalise(lr, person, SAMPLE_LINKS) == expected
     nobody = Recipient("anna@example.org", "", "de", fields={"organisation": ""})
     assert "aus , : " in personalise(lr, nobody, SAMPLE_LINKS).text
-    assert " privat." in personalise(lr, nobody, SAMPLE_LINKS).text
+    assert " privat (de)." in personalise(lr, nobody, SAMPLE_LINKS).text
     # Its own text comes as the objects the compose memo is keyed by.
     for template in (lr.html, lr.text):
         memo = static_text(template)
@@ -322,3 +322,78 @@ def test_anything_beyond_plain_fields_goes_through_jinja(source: str) -> None:
     template = _stage2(False).from_string(branch)
     template._plan = _plan(_stage2(False).parse(branch))  # type: ignore[attr-defined]
     assert sorted(template.literal_pieces) == ["a", "b", "c", "d"]  # type: ignore[attr-defined]
+
+
+def test_the_short_cut_keeps_jinjas_calling_conventions(project: Project) -> None:
+    """Keyword arguments (as the preview passes them), keywords over a mapping, and values
+    that are not mappings behave as jinja's own `render` and `generate` make them behave."""
+    lr = _plain(project)
+    template = lr.subject  # "Hallo {{ recipient.name }} {{ recipient.organisation }}"
+    assert template._plan is not None  # type: ignore[attr-defined]
+    anna = {"name": "Anna", "organisation": "IMAG"}
+    assert template.render(recipient=anna, links={}) == "Hallo Anna IMAG"
+    assert "".join(template.generate(recipient=anna)) == "Hallo Anna IMAG"
+    bert = {"name": "Bert", "organisation": "DGB"}
+    assert template.render({"recipient": anna}, recipient=bert) == "Hallo Bert DGB"
+    assert "".join(template.generate({"recipient": anna}, recipient=bert)) == "Hallo Bert DGB"
+    for odd in ("Anna", None, ["Anna"]):
+        with pytest.raises(jinja2.UndefinedError):
+            template.render({"recipient": odd})
+    with pytest.raises(jinja2.UndefinedError):
+        template.render()
+
+
+# What staff may write, decided on the parsed snippet (in-process: `validate` runs it too, in a
+# subprocess the mutation run cannot see into).
+LIMITS = "campaign text may only use merge fields such as {{ recipient.name }}, filters such " \
+         "as {{ recipient.name | default('Freundinnen und Freunde') }} and {% if %}"
+
+
+@pytest.mark.parametrize(("snippet", "problem"), [
+    ("{{ recipient['__class__'] }}", "'__class__' is not a merge field"),
+    ("{{ recipient.name.__class__ }}", "'__class__' is not a merge field"),
+    ("{{ recipient['_x'] }}", "'_x' is not a merge field"),
+    ("{{ recipient[name] }}", "'name' is not a merge field (use recipient.<column>)"),
+    ("{{ recipient.name | attr('upper') }}", "the filter 'attr' is not available in campaigns "
+     "(available: capitalize, d, default, e, escape, first, last, length, lower, title, trim, "
+     "truncate, upper)"),
+    ("{% if recipient.name is callable %}x{% endif %}",
+     "the test 'callable' is not available in campaigns"),
+    ("{{ recipient.name * 3 }}", f"multiplying is not allowed: {LIMITS}"),
+    ("{% filter upper %}x{% endfilter %}", f"'filterblock' is not allowed: {LIMITS}"),
+    ("{% if recipient.name is string %}{{ recipient['name'][0] }}{% endif %}", None),
+    ("{{ recipient['x_y'] | default('a') }}", None),
+])
+def test_staff_template_problem_names_what_is_refused(snippet: str, problem: str | None) -> None:
+    from mailer.render import _stage2, staff_template_problem
+
+    assert staff_template_problem(_stage2(False).parse(snippet)) == problem
+
+
+def test_the_sandbox_reads_keys_and_characters_and_nothing_else() -> None:
+    from types import MappingProxyType
+
+    from mailer.render import _stage2
+
+    env = _stage2(False)
+
+    def render(source: str, recipient: object) -> str:
+        return env.from_string(source).render(recipient=recipient)
+
+    anna = {"name": "Anna", "items": "ok"}
+    assert render("{{ recipient['name'] }}|{{ recipient.items }}", anna) == "Anna|ok"
+    assert render("{{ recipient.name }}", MappingProxyType(anna)) == "Anna"
+    assert render("{{ recipient['name'] }}", MappingProxyType(anna)) == "Anna"
+    chars = "{{ recipient.name[0] }}|{{ recipient.name[-1] }}|{{ recipient.name[1:3] }}|" \
+            "{{ recipient.name[4] }}|{{ recipient.name[-5] }}|{{ recipient.name[-4] }}"
+    assert render(chars, anna) == "A|a|nn|||A"
+    assert render("{{ recipient.name[0] }}", {"name": ""}) == ""
+    vorname = "'dict object' has no attribute 'vorname'"
+    for source, missing in [("{{ recipient.vorname }}", vorname),
+                            ("{{ recipient['vorname'] }}", vorname),
+                            ("{{ recipient[0] }}", "dict object has no element 0"),
+                            ("{{ recipient.name['x'] }}", "'str object' has no attribute 'x'"),
+                            ("{{ recipient.name[0][0].x }}", "'str object' has no attribute 'x'")]:
+        with pytest.raises(jinja2.UndefinedError) as caught:
+            render(source, anna)
+        assert caught.value.message == missing, source
