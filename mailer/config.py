@@ -94,8 +94,17 @@ class DispatchSettings(Strict):
 
     def count(self, pool_size: int) -> int:
         """The worker processes: `auto` is one per core; never more than connections."""
-        wanted = (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
+        wanted = usable_cores() if self.workers == "auto" else int(self.workers)
         return max(1, min(wanted, pool_size))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: a container's cpuset or `taskset` can leave it fewer
+    than the machine has (os.cpu_count), and a worker without a core of its own only
+    competes with the others."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 class ListSettings(Strict):
