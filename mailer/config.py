@@ -48,6 +48,19 @@ class SmtpSettings(Strict):
     def embedded(self) -> bool:
         return self.host == "embedded"
 
+    @property
+    def on_this_machine(self) -> bool:
+        """Is the relay at a loopback address (localhost, 127.0.0.0/8, ::1; 0.0.0.0 reaches this
+        machine too)? The embedded capture server is not: it runs inside each sending process."""
+        host = self.host.rstrip(".").lower()
+        if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 §6.3
+            return True
+        try:
+            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            return False
+        return address.is_loopback or address.is_unspecified
+
 
 class SenderSettings(Strict):
     name: str
@@ -81,7 +94,8 @@ class SchedulerSettings(Strict):
 
 
 class DispatchSettings(Strict):
-    """How many processes `mailer send` sends with; `auto` is one per core."""
+    """How many processes `mailer send` sends with; `auto` is one per core, less the one a
+    relay on this machine needs."""
 
     workers: int | Literal["auto"] = "auto"
 
@@ -92,9 +106,14 @@ class DispatchSettings(Strict):
             raise ValueError("must be 'auto' or a number from 1 to 64")
         return value
 
-    def count(self, pool_size: int) -> int:
-        """The worker processes: `auto` is one per core; never more than connections."""
-        wanted = usable_cores() if self.workers == "auto" else int(self.workers)
+    def count(self, pool_size: int, *, relay_here: bool = False) -> int:
+        """The worker processes: `auto` is one per core, one less when the relay runs on
+        this machine (`relay_here`): it takes a core's work too, and on two cores one worker
+        beside it sent faster than two (bench/README.md). Never more than connections."""
+        if self.workers == "auto":
+            wanted = usable_cores() - (1 if relay_here else 0)
+        else:
+            wanted = int(self.workers)
         return max(1, min(wanted, pool_size))
 
 

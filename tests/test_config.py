@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from mailer.config import load_settings
+from mailer.config import DispatchSettings, SmtpSettings, load_settings
 from mailer.errors import ConfigError
 from tests.conftest import Project
 
@@ -51,3 +53,28 @@ def test_bad_config_is_one_sentence_with_the_line(project: Project, old: str, ne
 def test_bad_environment_value_is_named(project: Project) -> None:
     with pytest.raises(ConfigError, match="smtp.port"):
         load_settings(project.config, env={"MAILER_SMTP_PORT": "twenty-five"})
+
+
+@pytest.mark.parametrize(("host", "here"), [
+    ("localhost", True), ("LOCALHOST.", True), ("relay.localhost", True), ("127.0.0.1", True),
+    ("127.8.9.10", True), ("::1", True), ("[::1]", True),
+    ("embedded", False),  # the capture server runs inside each sending process
+    ("relay.example.org", False), ("notlocalhost", False), ("localhost.example.org", False),
+    ("0.0.0.0", True), ("::", True), ("192.0.2.25", False), ("2001:db8::25", False),
+])
+def test_a_relay_on_this_machine_is_one_at_a_loopback_address(host: str, here: bool) -> None:
+    assert SmtpSettings(host=host).on_this_machine is here
+
+
+@pytest.mark.parametrize(("workers", "pool", "relay_here", "cores", "expected"), [
+    ("auto", 16, False, 2, 2), ("auto", 16, True, 2, 1),  # the relay keeps a core
+    ("auto", 16, True, 8, 7), ("auto", 16, False, 8, 8),
+    ("auto", 16, True, 1, 1), ("auto", 3, False, 8, 3),  # never none, never more than connections
+    (3, 16, True, 2, 3), (3, 2, False, 8, 2),  # a number is taken as given, up to the pool
+])
+def test_auto_workers_are_the_cores_left_to_us(monkeypatch: pytest.MonkeyPatch,
+                                               workers: int | str, pool: int, relay_here: bool,
+                                               cores: int, expected: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    chosen = DispatchSettings(workers=workers)
+    assert chosen.count(pool, relay_here=relay_here) == expected

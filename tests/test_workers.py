@@ -76,8 +76,9 @@ async def test_the_rate_limit_is_a_total_across_workers(project: Project, fault_
     assert len(workers_of(project)) == 2
 
 
+# The test relay listens on 127.0.0.1: `auto` leaves it a core.
 @pytest.mark.parametrize(("given", "workers"),
-                         [("3", 3), ("auto", min(len(os.sched_getaffinity(0)), 4))])
+                         [("3", 3), ("auto", max(1, min(len(os.sched_getaffinity(0)) - 1, 4)))])
 async def test_workers_from_the_environment(project: Project, fault_server, given: str,  # noqa: F811
                                             workers: int) -> None:
     project.crowd(200)
@@ -89,21 +90,18 @@ async def test_workers_from_the_environment(project: Project, fault_server, give
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a machine of 2 cores or more")
-async def test_auto_counts_only_the_cores_this_process_may_use(
-        project: Project, fault_server) -> None:  # noqa: F811
+async def test_auto_counts_only_the_cores_this_process_may_use(project: Project) -> None:
     # As a container's cpuset or `taskset -c 0` leaves it: one core of the machine's several.
+    # The embedded capture server (it runs inside each worker): no core is left to a relay.
     project.crowd(50)
-    server = await fault_server()
     allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(allowed)})  # the mailer subprocess inherits it
     try:
-        code, _, err = await mailer(project, "send", "crowd",
-                                    **smtp_env(server, MAILER_DISPATCH_WORKERS="auto"))
+        code, _, err = await mailer(project, "send", "crowd", MAILER_DISPATCH_WORKERS="auto")
     finally:
         os.sched_setaffinity(0, allowed)
     assert code == 0, err
     assert len(workers_of(project)) == 1
-    assert len(server.messages) == 50
 
 
 async def test_a_bad_workers_value_is_one_sentence(project: Project, fault_server) -> None:  # noqa: F811

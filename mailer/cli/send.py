@@ -108,13 +108,14 @@ def _workers(settings: Any, given: str | None) -> int:
 
     from ..config import DispatchSettings
 
+    here = settings.smtp.on_this_machine
     if given is None:
-        return int(settings.dispatch.count(settings.smtp.pool_size))
+        return int(settings.dispatch.count(settings.smtp.pool_size, relay_here=here))
     try:
         chosen = DispatchSettings(workers=given if given == "auto" else int(given))
     except (ValueError, ValidationError):
         fail(f"--workers {given}: give a number from 1 to 64, or auto (one per core)")
-    return int(chosen.count(settings.smtp.pool_size))
+    return int(chosen.count(settings.smtp.pool_size, relay_here=here))
 
 
 SOME_FAILED = 3  # 1 is a user error (bad input), 2 a usage error (click), 130 an interrupt
