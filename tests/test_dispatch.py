@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import os
@@ -625,6 +626,41 @@ async def test_on_sqlite_results_are_written_on_the_loops_own_thread(
         result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
     assert result.counts["sent"] == 20 and threads
     assert set(threads) == {not store.is_postgres}
+
+
+async def test_on_sqlite_the_wal_is_checkpointed_beside_the_loop_not_by_its_writes(
+        project, fault_server, monkeypatch, tmp_path):  # noqa: F811
+    """A checkpoint copies the WAL into the database file and syncs both (5-40 ms): done by a
+    commit on the loop's connection it would hold up every SMTP session; a thread does it."""
+    import shutil
+    import sqlite3
+
+    from mailer import dispatch
+    from mailer.store.db import nowait_engine, sqlite_file
+
+    monkeypatch.setattr(dispatch, "CHECKPOINT_EVERY", 4)
+    project.crowd(120)
+    server = await fault_server()
+    # One session: one result a commit, ~120 commits - far below the 1,000 pages at which
+    # SQLite's own automatic checkpoint would copy anything.
+    settings, store, checked, run = planned(project, server, MAILER_SMTP_POOL_SIZE="1")
+    loop_engine = nowait_engine(store.engine)
+    assert loop_engine is not None
+    with loop_engine.connect() as conn, store.engine.connect() as other:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        assert other.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    loop_engine.dispose()
+    async with SmtpPool(settings.smtp) as pool:
+        result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
+    assert result.counts["sent"] == 120
+    # The database file alone (its WAL left behind) already holds most results: checkpoints
+    # ran during the run. Without them it would hold none.
+    path = sqlite_file(settings.database_url)
+    assert path is not None
+    shutil.copyfile(path, tmp_path / "main-file-only.db")
+    with contextlib.closing(sqlite3.connect(tmp_path / "main-file-only.db")) as copy:
+        sent = copy.execute("SELECT count(*) FROM deliveries WHERE status = 'sent'").fetchone()[0]
+    assert 100 <= sent <= 120
 
 
 @both_databases
