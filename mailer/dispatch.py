@@ -226,7 +226,7 @@ class Dispatcher:
                 want = min(want, self.limit - self._started)
             rows: list[q.Claimed] = await self._tx(
                 functools.partial(q.claim, run_id=run.id, worker=self.worker, limit=want,
-                                  now=self.now()))
+                                  now=self.now(), new_message_id=self._new_message_id))
             if rows:
                 self._idle_polls = 0
                 # Only rows that reached `sent` or `failed` are done: a row put back for a
@@ -315,7 +315,9 @@ class Dispatcher:
         """One SMTP transaction, its result recorded; True when the row is now final."""
         recipient = Recipient(email=row.email, name=row.name, language=row.language,
                               fields=dict(row.fields or {}), list=row.list_name)
-        mid = row.message_id or message_id(domain=self.settings.msgid_domain)
+        # `claim` gave the row its Message-ID; only a row it did not (the type allows it) gets
+        # one here, and then the result writes it.
+        mid = row.message_id or self._new_message_id()
         self._started += 1
         try:
             data = self.composer.compose(recipient, message_id=mid).data
@@ -336,15 +338,19 @@ class Dispatcher:
             self.stop.set()
             await self._tx(lambda c: q.release(c, [row.id]))
             return False
-        outcome = self._outcome(row, result, mid)
+        outcome = self._outcome(row, result, None if mid == row.message_id else mid)
         await self._commit.submit([outcome])
         return outcome.status != DeliveryStatus.PENDING
+
+    def _new_message_id(self) -> str:
+        return message_id(domain=self.settings.msgid_domain)
 
     def _return_path(self, delivery_id: int) -> str:
         return return_path(self.settings, self.composer.tokens, run_id=self._run_id,
                            delivery_id=delivery_id)
 
-    def _outcome(self, row: q.Claimed, result: DeliveryResult, mid: str) -> q.Outcome:
+    def _outcome(self, row: q.Claimed, result: DeliveryResult, mid: str | None) -> q.Outcome:
+        """The row's new state; `mid`: a Message-ID to record (None: the row has its own)."""
         now = self.now()
         text = f"{result.text}"[:500]
         if result.outcome == Outcome.SENT:

@@ -7,6 +7,7 @@ import contextlib
 import email
 import email.policy
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -361,6 +362,15 @@ async def test_sigkill_mid_run_then_restart_sends_everyone_once(project, fault_s
     duplicates = sum(c - 1 for c in received.values())
     pool_size = project.settings().smtp.pool_size
     assert duplicates <= min(pool_size, caught)  # only the transactions in flight
+    # A copy sent again carries the first one's Message-ID (the claim gave it to the row):
+    # the receiving side can drop it. Every recipient's is their own.
+    message_ids: dict[str, set[bytes]] = {}
+    for m in server.messages:
+        found = re.search(rb"^Message-ID: (<[^>\r\n]+>)", m.content, re.M | re.I)
+        assert found is not None
+        message_ids.setdefault(m.rcpt_tos[0], set()).add(found[1])
+    assert all(len(ids) == 1 for ids in message_ids.values())
+    assert len(set().union(*message_ids.values())) == n
     with store.engine.connect() as conn:
         run = q.get_run(conn, run.id)
         assert q.status_counts(conn, run.id)["sent"] == n

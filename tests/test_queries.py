@@ -329,6 +329,32 @@ def test_claim_on_postgres_skips_rows_another_transaction_holds(store: Store) ->
 
 
 @both_databases
+def test_claim_gives_each_row_without_one_a_message_id_before_its_first_attempt(
+        store: Store) -> None:
+    run, ids = ledger(store, on("news", "a", "b", "c", "d"))
+    made = iter(["<1@example.org>", "<2@example.org>", "<3@example.org>"])
+    with store.engine.begin() as conn:
+        q.record(conn, [q.Outcome(ids[1], PENDING, 451, "later", message_id="<b@example.org>")])
+        claimed = q.claim(conn, run.id, worker="w1", limit=3, now=NOW,
+                          new_message_id=lambda: next(made))
+        # A row that has one keeps it: a retry goes out as the same message.
+        assert [c.message_id for c in claimed] == [
+            "<1@example.org>", "<b@example.org>", "<2@example.org>"]
+        assert states(conn, ids, "message_id") == [
+            ("<1@example.org>",), ("<b@example.org>",), ("<2@example.org>",), (None,)]
+        # The result of an attempt leaves the row's Message-ID as the claim wrote it.
+        q.record(conn, [q.Outcome(ids[0], SENT, 250, "ok", sent_at=NOW),
+                        q.Outcome(ids[2], PENDING, 421, "later", next_attempt_at=NOW)])
+        assert states(conn, ids[:3], "status", "message_id") == [
+            ("sent", "<1@example.org>"), ("sending", "<b@example.org>"),
+            ("pending", "<2@example.org>")]
+        again = q.claim(conn, run.id, worker="w1", limit=3, now=NOW,
+                        new_message_id=lambda: next(made))
+    assert [(c.id, c.message_id) for c in again] == [
+        (ids[2], "<2@example.org>"), (ids[3], "<3@example.org>")]
+
+
+@both_databases
 def test_record_writes_each_outcome_to_its_own_row_and_ends_the_claim(store: Store) -> None:
     run, ids = ledger(store, people(3))
     with store.engine.begin() as conn:
