@@ -315,8 +315,7 @@ class Dispatcher:
         """One SMTP transaction, its result recorded; True when the row is now final."""
         recipient = Recipient(email=row.email, name=row.name, language=row.language,
                               fields=dict(row.fields or {}), list=row.list_name)
-        # `claim` gave the row its Message-ID; only a row it did not (the type allows it) gets
-        # one here, and then the result writes it.
+        # `claim` gave the row its Message-ID (new_message_id): the fallback is for the type.
         mid = row.message_id or self._new_message_id()
         self._started += 1
         try:
@@ -338,7 +337,7 @@ class Dispatcher:
             self.stop.set()
             await self._tx(lambda c: q.release(c, [row.id]))
             return False
-        outcome = self._outcome(row, result, None if mid == row.message_id else mid)
+        outcome = self._outcome(row, result)
         await self._commit.submit([outcome])
         return outcome.status != DeliveryStatus.PENDING
 
@@ -349,24 +348,22 @@ class Dispatcher:
         return return_path(self.settings, self.composer.tokens, run_id=self._run_id,
                            delivery_id=delivery_id)
 
-    def _outcome(self, row: q.Claimed, result: DeliveryResult, mid: str | None) -> q.Outcome:
-        """The row's new state; `mid`: a Message-ID to record (None: the row has its own)."""
+    def _outcome(self, row: q.Claimed, result: DeliveryResult) -> q.Outcome:
+        """The row's new state (its Message-ID stays as the claim wrote it)."""
         now = self.now()
         text = f"{result.text}"[:500]
         if result.outcome == Outcome.SENT:
             self._sent_now += 1
             return q.Outcome(id=row.id, status=DeliveryStatus.SENT, smtp_code=result.code,
-                             smtp_text=text, sent_at=now, message_id=mid)
+                             smtp_text=text, sent_at=now)
         if result.outcome == Outcome.TEMPORARY and row.attempts < self.settings.smtp.max_attempts:
             return q.Outcome(id=row.id, status=DeliveryStatus.PENDING, smtp_code=result.code,
-                             smtp_text=text, message_id=mid,
-                             next_attempt_at=now + timedelta(
+                             smtp_text=text, next_attempt_at=now + timedelta(
                                  seconds=backoff_s(row.attempts, self.settings.smtp.retry_base_s)))
         if result.outcome == Outcome.TEMPORARY:
             text = f"gave up after {row.attempts} attempts: {text}"[:500]
         return _Failed(id=row.id, status=DeliveryStatus.FAILED, smtp_code=result.code,
-                       smtp_text=text, message_id=mid,
-                       suppress_key=row.email_key if result.suppress else None)
+                       smtp_text=text, suppress_key=row.email_key if result.suppress else None)
 
     # -- the store -------------------------------------------------------------------------
 

@@ -646,9 +646,16 @@ async def test_on_sqlite_the_wal_is_checkpointed_beside_the_loop_not_by_its_writ
     import sqlite3
 
     from mailer import dispatch
-    from mailer.store.db import nowait_engine, sqlite_file
+    from mailer.store.db import checkpoint, nowait_engine, sqlite_file
 
     monkeypatch.setattr(dispatch, "CHECKPOINT_EVERY", 4)
+    ran: list[int] = []  # the real checkpoints, counted
+
+    def counted(engine: Any) -> None:
+        ran.append(1)
+        checkpoint(engine)
+
+    monkeypatch.setattr(dispatch, "checkpoint", counted)
     project.crowd(120)
     server = await fault_server()
     # One session: one result a commit, ~120 commits - far below the 1,000 pages at which
@@ -663,6 +670,8 @@ async def test_on_sqlite_the_wal_is_checkpointed_beside_the_loop_not_by_its_writ
     async with SmtpPool(settings.smtp) as pool:
         result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
     assert result.counts["sent"] == 120
+    # At most one for every 4 of the ~120 commits (one result each: one session)
+    assert 3 <= len(ran) <= 120 // 4
     # The database file alone (its WAL left behind) already holds most results: checkpoints
     # ran during the run. Without them it would hold none.
     path = sqlite_file(settings.database_url)
@@ -671,6 +680,29 @@ async def test_on_sqlite_the_wal_is_checkpointed_beside_the_loop_not_by_its_writ
     with contextlib.closing(sqlite3.connect(tmp_path / "main-file-only.db")) as copy:
         sent = copy.execute("SELECT count(*) FROM deliveries WHERE status = 'sent'").fetchone()[0]
     assert 100 <= sent <= 120
+
+
+async def test_a_checkpoint_that_fails_is_said_and_the_run_goes_on(
+        project, fault_server, monkeypatch, caplog):  # noqa: F811
+    from sqlalchemy.exc import OperationalError
+
+    from mailer import dispatch
+
+    def failing(engine: Any) -> None:
+        raise OperationalError("PRAGMA wal_checkpoint(PASSIVE)", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(dispatch, "CHECKPOINT_EVERY", 4)
+    monkeypatch.setattr(dispatch, "checkpoint", failing)
+    project.crowd(40)
+    server = await fault_server()
+    settings, store, checked, run = planned(project, server, MAILER_SMTP_POOL_SIZE="1")
+    with caplog.at_level("WARNING", logger="mailer.dispatch"):
+        async with SmtpPool(settings.smtp) as pool:
+            result = await deliver_run(settings, store, checked.rendition, run, transport=pool)
+    assert result.counts["sent"] == 40 and len(server.messages) == 40
+    said = [r.getMessage() for r in caplog.records if "checkpointed" in r.getMessage()]
+    assert said and said[0].startswith("the ledger's WAL could not be checkpointed: ")
+    assert "disk I/O error" in said[0]
 
 
 @both_databases
