@@ -200,8 +200,7 @@ class Dispatcher:
             return await self._run(run)
         finally:
             if self._checkpoint is not None:
-                with contextlib.suppress(Exception):
-                    await self._checkpoint
+                await self._checkpoint  # (it says and swallows its own errors)
             live.discard(self.worker)
             if self._nowait is not None:
                 self._nowait.close()

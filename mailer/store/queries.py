@@ -216,12 +216,17 @@ def snapshot(conn: Connection, run_id: int, rows: Iterable[dict[str, Any]]) -> i
     return total
 
 
+def _param_style(dialect: Dialect) -> str:
+    """A named parameter as this dialect's driver writes it (sqlite3 / psycopg), to format."""
+    return ":{}" if dialect.name == "sqlite" else "%({})s"
+
+
 @functools.lru_cache(maxsize=4)
 def _snapshot_sql(dialect: Dialect) -> tuple[str, Callable[[Any], Any]]:
     """The INSERT of `snapshot` in the driver's parameter style, and the column type's own
     conversion of `fields` for this dialect (JSON text on SQLite, the driver's JSON on
     PostgreSQL), so rows read back exactly as SQLAlchemy wrote them."""
-    mark = ":{}" if dialect.name == "sqlite" else "%({})s"
+    mark = _param_style(dialect)
     columns = ("run_id", "email", "email_key", "name", "language", "list_name", "fields",
                "status")
     sql = (f"INSERT INTO {deliveries.name} ({', '.join(columns)}, attempts) "
@@ -289,8 +294,9 @@ def claim(conn: Connection, run_id: int, *, worker: str, limit: int, now: dateti
 
 @functools.lru_cache(maxsize=4)
 def _message_id_sql(dialect: Dialect) -> str:
-    mid, key = ("%(mid)s", "%(id)s") if dialect.name == "postgresql" else (":mid", ":id")
-    return f"UPDATE {deliveries.name} SET message_id = {mid} WHERE id = {key}"
+    mark = _param_style(dialect)
+    return (f"UPDATE {deliveries.name} SET message_id = {mark.format('mid')} "
+            f"WHERE id = {mark.format('id')}")
 
 
 def record(conn: Connection, outcomes: Sequence[Outcome], *, worker: str | None = None
@@ -322,7 +328,7 @@ def record(conn: Connection, outcomes: Sequence[Outcome], *, worker: str | None 
 def _record_sql(dialect: Dialect) -> tuple[str, Callable[[datetime | None], Any]]:
     """The UPDATE of `record` in the driver's named-parameter style, and how this dialect
     stores a timestamp (SQLite: SQLAlchemy's text format, so comparisons keep working)."""
-    mark = ":{}" if dialect.name == "sqlite" else "%({})s"
+    mark = _param_style(dialect)
     names = {k: mark.format(k) for k in
              ("status", "code", "text", "next", "sent", "now", "worker", "id")}
     d = deliveries.name
