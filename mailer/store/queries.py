@@ -216,6 +216,11 @@ def snapshot(conn: Connection, run_id: int, rows: Iterable[dict[str, Any]]) -> i
     return total
 
 
+def _bind(column: Any, dialect: Dialect) -> Callable[[Any], Any]:
+    """What SQLAlchemy does to a value of `column` before this dialect's driver gets it."""
+    return column.type.dialect_impl(dialect).bind_processor(dialect) or (lambda value: value)
+
+
 def _param_style(dialect: Dialect) -> str:
     """A named parameter as this dialect's driver writes it (sqlite3 / psycopg), to format."""
     return ":{}" if dialect.name == "sqlite" else "%({})s"
@@ -232,8 +237,7 @@ def _snapshot_sql(dialect: Dialect) -> tuple[str, Callable[[Any], Any]]:
     sql = (f"INSERT INTO {deliveries.name} ({', '.join(columns)}, attempts) "
            f"VALUES ({', '.join(mark.format(c) for c in columns)}, 0) "
            "ON CONFLICT (run_id, email_key) DO NOTHING")
-    process = deliveries.c.fields.type.dialect_impl(dialect).bind_processor(dialect)
-    return sql, process or (lambda value: value)
+    return sql, _bind(deliveries.c.fields, dialect)
 
 
 def set_run_status(conn: Connection, run_id: int, status: RunStatus) -> None:
@@ -336,8 +340,7 @@ def _record_sql(dialect: Dialect) -> tuple[str, Callable[[datetime | None], Any]
            f"smtp_text = {names['text']}, next_attempt_at = {names['next']}, "
            f"sent_at = {names['sent']}, updated_at = {names['now']}, claimed_by = NULL, "
            f"sent_by = {names['worker']} WHERE id = {names['id']}")
-    process = deliveries.c.sent_at.type.dialect_impl(dialect).bind_processor(dialect)
-    return sql, process or (lambda value: value)
+    return sql, _bind(deliveries.c.sent_at, dialect)
 
 
 def release(conn: Connection, ids: Sequence[int]) -> None:
