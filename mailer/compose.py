@@ -153,18 +153,26 @@ def lf_only(text: str) -> str:
 
 
 def _fit_lines(encoded: bytes, *, last: int = 76) -> bytes:
-    """Lines of at most 76 characters (`last` for the last one), as RFC 2045 §6.7 rule 5 wants.
+    """Lines of at most 76 characters (`last` for the last one), as RFC 2045 §6.7 rule 5 wants,
+    none of them starting with a dot.
 
     b2a_qp encodes a blank that ends a line (=20) without checking the room left: such a
     line runs to 77 or 78. A soft break goes before the overflow, never inside an escape.
+    A dot that would begin a line is written =2E, so the SMTP client has no dot to double
+    (RFC 5321 §4.5.2) and need not scan the message for one (Outgoing.composed).
     """
     lines = encoded.split(CRLF)
-    if len(lines[-1]) <= last and all(len(line) <= 76 for line in lines):
+    if (len(lines[-1]) <= last and all(len(line) <= 76 for line in lines)
+            and not encoded.startswith(b".") and b"\n." not in encoded):
         return encoded
     fitted = []
     for i, line in enumerate(lines):
         width = last if i == len(lines) - 1 else 76
-        while len(line) > width:
+        while True:
+            if line.startswith(b"."):
+                line = b"=2E" + line[1:]
+            if len(line) <= width:
+                break
             at = width - 1  # the soft break's "=" takes the last place
             while b"=" in line[at - 2:at]:
                 at -= 1
@@ -186,6 +194,9 @@ class QPPieces:
     like `qp(whole)`. `static`: the template's text pieces, encoded up front; merge values are
     encoded each time and never kept, so memory does not grow with the audience. The memo
     maps a piece to its own encoding: what is in it changes speed, never the text.
+
+    No line of the result starts with a dot: no piece's encoding has a line that does, its
+    first included (see `_fit_lines`), wherever the piece then stands.
     """
 
     def __init__(self, static: Iterable[str] = ()) -> None:
@@ -226,11 +237,13 @@ _QP_AS_IS = re.compile(r"[!-<>-~](?:[ !-<>-~]*[!-<>-~])?")
 
 def _encode_piece(piece: str) -> tuple[bytes, int, int]:
     # Most merge values (names, links, dates) are such pieces: no encoder needed.
-    if _QP_AS_IS.fullmatch(piece) and piece != ".":
+    if _QP_AS_IS.fullmatch(piece) and piece[0] != ".":
         size = len(piece)
         if size <= 75:
             return piece.encode("ascii"), size, -1
-        return _soft_broken(piece)
+        broken = _soft_broken(piece)
+        if b"\n." not in broken[0]:  # most links: no line of theirs starts with a dot
+            return broken
     return _qp_piece(piece)
 
 
@@ -249,10 +262,14 @@ def _soft_broken(piece: str) -> tuple[bytes, int, int]:
 def _qp_piece(piece: str) -> tuple[bytes, int, int]:
     # b2a_qp copies the input's first line ending to its soft breaks: only LF comes in.
     encoded = binascii.b2a_qp(piece.encode("utf-8"), istext=True)
-    if len(encoded) <= 75 and b"\n" not in encoded:  # one line that fits (a name, a word)
-        return encoded, len(encoded), -1
+    if len(encoded) <= 75 and b"\n" not in encoded and encoded[:1] != b".":
+        return encoded, len(encoded), -1  # one line that fits (a name, a word)
     # The last line keeps a place for the soft break that may join the next piece.
-    encoded = _fit_lines(encoded.replace(b"\n", CRLF), last=75)
+    return _measured(_fit_lines(encoded.replace(b"\n", CRLF), last=75))
+
+
+def _measured(encoded: bytes) -> tuple[bytes, int, int]:
+    """An encoding with the lengths of its first line and of its last (-1 if it is one)."""
     cut = encoded.find(CRLF)
     if cut < 0:
         return encoded, len(encoded), -1

@@ -330,7 +330,7 @@ class Dispatcher:
         try:
             result = await self.transport.send(Outgoing(
                 key=row.id, sender=self._return_path(row.id), recipient=row.email, data=data,
-                crlf_only=True))
+                composed=True))
         except AuthenticationFailure as exc:
             self._auth_error = exc
             self.stop.set()

@@ -231,7 +231,7 @@ async def test_send(checked: Checked, settings: Settings, addresses: list[str], 
         for i, r in enumerate(targets):
             data = composer.compose(r, message_id=message_id(domain=settings.msgid_domain)).data
             result = await transport.send(Outgoing(key=i, sender=settings.sender.address,
-                                                   recipient=r.email, data=data, crlf_only=True))
+                                                   recipient=r.email, data=data, composed=True))
             reply = f"{result.code or ''} {result.text}".strip()
             out.append((r.email, result.outcome == Outcome.SENT, reply))
     return out

@@ -431,14 +431,17 @@ def test_quoted_printable_has_crlf_line_ends_whatever_came_in() -> None:
 _pieces = st.lists(st.sampled_from([
     "", " ", "\n", "Hallo Ayşe,", "a" * 75, "b" * 76, "c " * 60, "Preis = 5 €  ", ".\n", "\t",
     "<td style=\"color:#333\">Gemeinsam gegen Rassismus</td>\n" * 3, "From here", "x=\ty ",
-    "\nneue Zeile", "مرحبا", "Ende \n\n",
+    "\nneue Zeile", "مرحبا", "Ende \n\n", ".mj-column { width:100% }\n", ".", "..", ". a",
+    "https://imag.example.org/" + "x" * 49 + ".html", "a" * 74 + ".b" * 40,
 ]) | st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200), max_size=12)
 
 
 def assert_clean_qp(encoded: bytes) -> None:
-    """RFC 2045 §6.7: printable ASCII, lines of at most 76, no blank before a line end."""
+    """RFC 2045 §6.7: printable ASCII, lines of at most 76, no blank before a line end; and
+    no line that starts with a dot, which SMTP would have to double (Outgoing.composed)."""
     for line in encoded.split(b"\r\n"):
         assert len(line) <= 76 and not line.endswith((b" ", b"\t")), line
+        assert not line.startswith(b"."), line
         assert all(32 <= b < 127 or b == 9 for b in line), line
     assert b"\r" not in encoded.replace(b"\r\n", b"") and b"\n" not in encoded.replace(b"\r\n", b"")
 
@@ -512,6 +515,24 @@ def test_pieces_share_a_line_while_it_has_room_then_a_soft_break_joins_them() ->
     # A piece's lines: b2a_qp's 76 in the middle stay, its last is cut to 75.
     assert QPPieces()(["y" * 100 + "\n" + "z" * 76]).split(b"\r\n") == [
         b"y" * 75 + b"=", b"y" * 25, b"z" * 74 + b"=", b"zz"]
+
+
+def test_no_line_of_the_joined_text_starts_with_a_dot() -> None:
+    """A dot that begins a piece or a line of it is written =2E (it decodes the same), so that
+    SMTP has none to double, wherever the piece stands: at the start of the text, after a
+    line end, after a soft break. A dot inside a line stays a dot."""
+    from mailer.compose import QPPieces
+
+    memo = QPPieces([".a", "x" * 70])
+    assert memo([".a", "b"]) == QPPieces()([".a", "b"]) == b"=2Eab"
+    assert memo(["x\n", ".a"]) == b"x\r\n=2Ea"
+    assert memo(["x" * 70, ".abcdef"]) == b"x" * 70 + b"=\r\n=2Eabcdef"
+    assert memo(["x", ".a"]) == b"x=2Ea"
+    assert QPPieces()(["x", "a.b"]) == b"xa.b"
+    assert QPPieces()(["a\n.b"]) == b"a\r\n=2Eb"
+    assert QPPieces()(["y" * 75 + ".z"]) == b"y" * 75 + b"=\r\n=2Ez"  # a link's soft break
+    # =2E makes a full line longer: it is cut again
+    assert QPPieces()(["." + "q" * 74]) == b"=2E" + b"q" * 71 + b"=\r\nqqq"
 
 
 def test_a_base64_text_part_is_encoded_with_crlf_line_ends_whatever_came_in() -> None:
@@ -607,7 +628,7 @@ def test_an_ascii_word_too_long_to_fold_is_encoded() -> None:
         assert all(len(line) <= 76 for line in header.split("\r\n"))
 
 
-# --- the transport trusts the composer's line ends (Outgoing.crlf_only) ----------------------
+# --- the transport trusts the composer's line ends and dots (Outgoing.composed) -------------
 
 HOSTILE_CAMPAIGN = """\
 template: newsletter
@@ -624,15 +645,16 @@ content:
     blocks:
       - text: "أهلا وسهلا {{ recipient.organisation }}\\r\\n.\\r\\nنهاية\\r"
 """
-HOSTILE = st.lists(st.sampled_from(
+HOSTILE = (st.lists(st.sampled_from(
     ["\r", "\n", "\r\n", ".", "\r\n.\r\n", "\n.\n", "\x00", "\x0b", "\u2028", "\u0085", " ",
-     "a", "ü", "ش", "=", "<", ">", '"', "\t", "😀", "x" * 80]), max_size=30).map("".join)
+     "a", "ü", "ش", "=", "<", ">", '"', "\t", "😀", "x" * 80, "x." * 40]), max_size=30)
+           .map("".join))
 
 
-def test_a_composed_message_has_crlf_line_ends_and_no_other_cr_or_lf(
+def test_a_composed_message_has_crlf_line_ends_no_other_cr_or_lf_and_no_leading_dot(
         project: Project, tmp_path: Path) -> None:
     """Whatever the recipient's data and the campaign's text hold (DKIM-signed: the signature
-    is part of the message), so the transport may skip its check (Outgoing.crlf_only)."""
+    is part of the message), so the transport may skip its check (Outgoing.composed)."""
     from mailer.transport import dot_stuffed
 
     dkim_key(project, tmp_path)
@@ -650,6 +672,7 @@ def test_a_composed_message_has_crlf_line_ends_and_no_other_cr_or_lf(
         data = composer.compose(person, message_id="<h@imag.example.org>").data
         assert data.startswith(b"DKIM-Signature:")
         assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
-        assert dot_stuffed(data, crlf_only=True) == dot_stuffed(data)
+        assert not data.startswith(b".") and b"\n." not in data
+        assert dot_stuffed(data, composed=True) == dot_stuffed(data)
 
     check()
