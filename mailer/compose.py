@@ -231,32 +231,36 @@ class QPPieces:
 
 
 # A piece that quoted-printable leaves as it is but for soft line breaks: printable ASCII
-# without "=" and no blank at its end (b2a_qp only escapes a "." that stands alone on a line).
-_QP_AS_IS = re.compile(r"[!-<>-~](?:[ !-<>-~]*[!-<>-~])?")
+# without "=", no blank at its end and no "." at its start (see `_fit_lines`).
+_QP_AS_IS = re.compile(r"[!-\-/-<>-~](?:[ !-<>-~]*[!-<>-~])?")
 
 
 def _encode_piece(piece: str) -> tuple[bytes, int, int]:
     # Most merge values (names, links, dates) are such pieces: no encoder needed.
-    if _QP_AS_IS.fullmatch(piece) and piece[0] != ".":
+    if _QP_AS_IS.fullmatch(piece):
         size = len(piece)
         if size <= 75:
             return piece.encode("ascii"), size, -1
         broken = _soft_broken(piece)
-        if b"\n." not in broken[0]:  # most links: no line of theirs starts with a dot
+        if broken is not None:  # most links
             return broken
     return _qp_piece(piece)
 
 
-def _soft_broken(piece: str) -> tuple[bytes, int, int]:
+def _soft_broken(piece: str) -> tuple[bytes, int, int] | None:
     """What `_qp_piece` makes of a long piece that needs no escapes: lines of 75 and a soft
-    break; the last line at most 75 (one of 76 is cut at 74, as `_fit_lines` cuts it)."""
+    break; the last line at most 75 (one of 76 is cut at 74, as `_fit_lines` cuts it).
+    None where a line would start with a dot: `_fit_lines` cuts those lines otherwise."""
     lines, at, size = [], 0, len(piece)
     while size - at > 76:
         lines.append(piece[at:at + 75] + "=")
         at += 75
     rest = piece[at:]
     lines += [rest[:74] + "=", rest[74:]] if len(rest) == 76 else [rest]
-    return "\r\n".join(lines).encode("ascii"), len(lines[0]), len(lines[-1])
+    encoded = "\r\n".join(lines)
+    if "\n." in encoded:
+        return None
+    return encoded.encode("ascii"), len(lines[0]), len(lines[-1])
 
 
 def _qp_piece(piece: str) -> tuple[bytes, int, int]:
