@@ -205,18 +205,21 @@ class QPPieces:
         self._memo = {piece: _encode_piece(piece) for piece in static
                       if piece and "\r" not in piece}
 
-    def __call__(self, pieces: Sequence[str]) -> bytes:
+    def __call__(self, pieces: Sequence[str],
+                 values: dict[str, tuple[bytes, int, int]] | None = None) -> bytes:
+        """`values`: merge values already encoded for this message (its other part)."""
         get = self._memo.get
         out: list[bytes] = []
         column = 0
-        values: dict[str, tuple[bytes, int, int]] = {}  # a merge value used twice: encoded once
+        if values is None:
+            values = {}  # a merge value used twice: encoded once
         for piece in pieces:
             known = get(piece)
             if known is None:
                 known = values.get(piece)
             if known is None:
                 if "\r" in piece:  # a CRLF may be split between two pieces: encode them whole
-                    return self([lf_only("".join(pieces))])
+                    return self([lf_only("".join(pieces))], values)
                 if not piece:
                     continue
                 known = values[piece] = _encode_piece(piece)
@@ -418,11 +421,16 @@ class Composer:
         return self._date[1]
 
     def _body(self, body: Pieces, lr: LangRendition, tail: bytes) -> bytes:
+        values: dict[str, tuple[bytes, int, int]] = {}  # the name, the links: in both parts
+
+        def encode(pieces: Sequence[str]) -> bytes:
+            return self._qp(pieces, values)
+
         alt = (
             f"--{self._alt}\r\nContent-Type: text/plain; charset=utf-8\r\n".encode()
-            + encoded_part(body.text, lr.text_mostly_ascii, self._qp)
+            + encoded_part(body.text, lr.text_mostly_ascii, encode)
             + f"\r\n--{self._alt}\r\nContent-Type: text/html; charset=utf-8\r\n".encode()
-            + encoded_part(body.html, lr.html_mostly_ascii, self._qp)
+            + encoded_part(body.html, lr.html_mostly_ascii, encode)
             + f"\r\n--{self._alt}--\r\n".encode()
         )
         if not tail:
