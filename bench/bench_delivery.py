@@ -49,7 +49,9 @@ from _common import BENCH_SECRET, REPO, Stats, loadavg, make_project  # noqa: E4
 SINK = "/usr/sbin/smtp-sink"
 SOURCE = "/usr/sbin/smtp-source"
 GNU_TIME = "/usr/bin/time"
-MAILER = str(REPO / ".venv" / "bin" / "mailer")
+# `python -m mailer`, not the installed script: the script names this tree's entry point,
+# which an older tree (--before) may not have.
+MAILER = [str(REPO / ".venv" / "bin" / "python"), "-m", "mailer"]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 MSG_SIZE = 40_000
 
@@ -181,7 +183,7 @@ def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: fl
                      MAILER_ALLOW_LOCAL_LINKS="1", MAILER_SMTP_HOST="127.0.0.1",
                      MAILER_SMTP_PORT=str(port), MAILER_SMTP_POOL_SIZE=str(pool),
                      MAILER_SMTP_RATE_PER_SECOND="1000000", PYTHONUNBUFFERED="1")
-    cmd = [MAILER, "--config", str(project / "config.yaml"), "send", "bench-40k"]
+    cmd = [*MAILER, "--config", str(project / "config.yaml"), "send", "bench-40k"]
     use_time = Path(GNU_TIME).exists()
     if use_time:
         cmd = [GNU_TIME, "-v", *cmd]
@@ -242,7 +244,7 @@ def mailer_send(project: Path, *, port: int, pool: int, db_url: str, timeout: fl
 
 def upgrade(project: Path, *, db_url: str, code: Path | None = None) -> None:
     """`mailer db upgrade` on a new ledger, outside the timing."""
-    subprocess.run([MAILER, "--config", str(project / "config.yaml"), "db", "upgrade"],
+    subprocess.run([*MAILER, "--config", str(project / "config.yaml"), "db", "upgrade"],
                    env=mailer_env(project, db_url=db_url, code=code), cwd=project, check=True,
                    capture_output=True, timeout=120)
 

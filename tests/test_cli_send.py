@@ -7,7 +7,10 @@ import email
 import email.policy
 import json
 import signal
+import subprocess
+import sys
 
+import pytest
 from sqlalchemy import select
 
 from mailer.store import open_store
@@ -159,3 +162,28 @@ async def test_a_failing_ledger_stops_send_with_one_sentence_and_send_resumes(
     received = [m.rcpt_tos[0] for m in server.messages]
     assert sorted(set(received)) == sorted(addresses)
     assert len(received) - len(addresses) == delivered  # the unrecorded ones, sent again
+
+
+# `mailer` as installed (mailer/entry.py), with a look at the cyclic collector as it exits.
+COLLECTOR_AT_EXIT = """\
+import atexit, gc, sys
+atexit.register(lambda: print("collector", gc.isenabled(), gc.get_freeze_count() > 0))
+sys.argv = ["mailer", *sys.argv[1:]]
+from mailer.entry import run
+run()
+"""
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--version"], "collector False False"),  # start-up runs without it ...
+    (["validate"], "collector True False"),  # ... and every command turns it back on,
+    (["send", "crowd", "--dry-run"], "collector True True"),  # send once start-up is frozen
+])
+def test_start_up_runs_without_the_cyclic_collector_and_the_command_turns_it_back_on(
+        project: Project, args: list[str], expected: str) -> None:
+    project.crowd(5)
+    result = subprocess.run([sys.executable, "-c", COLLECTOR_AT_EXIT, *args], text=True,
+                            capture_output=True, env=helpers.mailer_env(project),
+                            cwd=project.root, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ from .base import Ctx, fail, pass_ctx, user_errors
 @click.pass_context
 def main(ctx: click.Context, config: str | None, log_format: str) -> None:
     """imag-mailer: campaigns from YAML to subscribers' inboxes."""
+    if ctx.invoked_subcommand != "send":  # send: once its campaign is checked
+        gc.enable()  # off while the command started (mailer/entry.py)
     setup_logging(log_format)
     ctx.obj = Ctx(config)
 

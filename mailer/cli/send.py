@@ -59,8 +59,10 @@ def send(ctx: Ctx, campaign: str, dry_run: bool, to: tuple[str, ...], lang: str 
     checked = _checked(ctx, campaign)
     # What start-up made (modules, settings, compiled templates) lives as long as the process:
     # no garbage collection needs to look at it again — in this process, nor in the workers
-    # forked from it, whose first full collection would otherwise walk ~70,000 objects.
+    # forked from it, whose first full collection would otherwise walk ~70,000 objects. The
+    # collector was off while it was made (mailer/entry.py); from here on it runs.
     gc.freeze()
+    gc.enable()
     if to:
         results = asyncio.run(test_send(checked, settings, list(to), lang=lang))
         for address, sent, reply in results:
