@@ -254,6 +254,7 @@ def _soft_broken(piece: str) -> tuple[bytes, int, int] | None:
     """What `_qp_piece` makes of a long piece that needs no escapes: lines of 75 and a soft
     break; the last line at most 75 (one of 76 is cut at 74, as `_fit_lines` cuts it).
     None where a line would start with a dot: `_fit_lines` cuts those lines otherwise."""
+    piece = str(piece)  # an HTML merge value is a Markup, whose every slice is wrapped again
     lines, at, size = [], 0, len(piece)
     while size - at > 76:
         lines.append(piece[at:at + 75] + "=")

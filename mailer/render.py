@@ -195,8 +195,7 @@ class Stage2Template(jinja2.Template):
             value = scope.get(key) if type(scope) is dict else None
             if type(value) is not str:
                 return None
-            # str: a Markup's own methods (its slices, for one) wrap every result again
-            filled.append(str(escape(value)) if html else value)
+            filled.append(escape(value) if html else value)
         out: list[str] = []
         _expand(steps, filled, out)
         return out
