@@ -467,7 +467,7 @@ def test_pieces_encoded_apart_decode_like_quoted_printable_of_the_whole(
        | st.text(alphabet=st.sampled_from([c for c in map(chr, range(32, 127)) if c != "="]),
                  min_size=70, max_size=400)
        | st.sampled_from([".", "..", "a" * 75, "a" * 76, "a" * 151, "a" * 152, "a ", " a", "=",
-                          "a=b", "a.", ".a", "a" * 75 + "."]))
+                          "a=b", "a.", ".a", "a" * 75 + ".", "a" * 73 + " ", "ä" * 12 + "a" * 4]))
 def test_a_piece_is_encoded_as_the_encoder_writes_it_whole(piece: str) -> None:
     """The short cuts (a piece without escapes, a short line) give b2a_qp's bytes."""
     import binascii
