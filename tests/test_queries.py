@@ -331,7 +331,8 @@ def test_claim_on_postgres_skips_rows_another_transaction_holds(store: Store) ->
 @both_databases
 def test_claim_gives_each_row_without_one_a_message_id_before_its_first_attempt(
         store: Store) -> None:
-    run, ids = ledger(store, on("news", "a", "b", "c", "d"))
+    # Addresses in reverse order: the claim hands rows back in the ledger's order, not theirs.
+    run, ids = ledger(store, on("news", "d", "c", "b", "a"))
     made = iter(["<1@example.org>", "<2@example.org>", "<3@example.org>"])
     with store.engine.begin() as conn:
         q.record(conn, [q.Outcome(ids[1], PENDING, 451, "later", message_id="<b@example.org>")])

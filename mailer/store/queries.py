@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import hashlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -285,15 +284,20 @@ def claim(conn: Connection, run_id: int, *, worker: str, limit: int, now: dateti
         .returning(d.c.id, d.c.email, d.c.email_key, d.c.name, d.c.language, d.c.list_name,
                    d.c.fields, d.c.attempts, d.c.message_id)
     )
-    claimed = sorted((Claimed(*r) for r in conn.execute(stmt)), key=lambda c: c.id)
+    rows = sorted(conn.execute(stmt), key=lambda r: r[0])
     if new_message_id is None:
-        return claimed
-    fresh = {c.id: new_message_id() for c in claimed if c.message_id is None}
+        return [Claimed(*r) for r in rows]
+    claimed, fresh = [], []
+    for r in rows:  # the Message-ID is the last column
+        if r[-1] is None:
+            mid = new_message_id()
+            fresh.append({"mid": mid, "id": r[0]})
+            claimed.append(Claimed(*(*r[:-1], mid)))
+        else:
+            claimed.append(Claimed(*r))
     if fresh:
-        conn.exec_driver_sql(_message_id_sql(conn.dialect),
-                             [{"mid": mid, "id": i} for i, mid in fresh.items()])
-    return [dataclasses.replace(c, message_id=fresh[c.id]) if c.id in fresh else c
-            for c in claimed]
+        conn.exec_driver_sql(_message_id_sql(conn.dialect), fresh)
+    return claimed
 
 
 @functools.lru_cache(maxsize=4)
